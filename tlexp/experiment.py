@@ -1,0 +1,343 @@
+"""One training run: config -> data -> model -> strategy -> epochs -> tracking -> summary.
+
+Everything that can be checked is checked before the MLflow run is opened, so
+a bad setting fails fast and leaves nothing in the store.
+"""
+
+from __future__ import annotations
+
+import copy
+import platform
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from . import features as feature_cache
+from .config import ConfigError, TrainConfig
+from .console import Reporter, SilentReporter
+from .data import (DataError, EvalPreset, ImageData, Splits, TrainPreset, load_data, make_splits, split_manifest,
+                   subset_train)
+from .engine import (DeviceSettings, confusion_matrix, evaluate, iterate_batches, resolve_device,
+                     resolve_precision, train_one_epoch)
+from .models import Classifier, WeightsError, build_model, count_parameters, get_spec
+from .strategies import apply_strategy, get_strategy
+
+EPOCH_METRICS = ("train_loss", "train_acc", "val_loss", "val_acc", "epoch_time_s", "lr", "train_samples_per_s")
+
+
+@dataclass
+class RunSummary:
+    """What a finished run reports back (the same numbers it logged)."""
+
+    run_id: str
+    config: TrainConfig
+    metrics: dict[str, float]
+    history: list[dict[str, float]] = field(default_factory=list)
+    status: str = "FINISHED"
+
+
+@dataclass
+class Prepared:
+    """Everything checked and built before a run is opened."""
+
+    config: TrainConfig
+    data: ImageData
+    splits: Splits
+    model: Classifier
+    settings: DeviceSettings
+    param_groups: list[dict[str, Any]]
+
+
+def prepare(config: TrainConfig, *, reporter: Reporter | None = None, data: ImageData | None = None) -> Prepared:
+    """Validate the config, load data, build and check the model. Raises ConfigError/DataError/WeightsError."""
+    reporter = reporter or SilentReporter()
+    config = config.resolve()
+    try:
+        strategy = get_strategy(config.strategy)
+        spec = get_spec(config.model)
+        device = resolve_device(config.device)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    if config.image_size < spec.min_image_size:
+        raise ConfigError(f"--image-size {config.image_size} is too small for {config.model}; "
+                          f"use at least {spec.min_image_size}.")
+    settings = DeviceSettings(device=device, amp_dtype=resolve_precision(config.precision, device),
+                              channels_last=config.channels_last and device.type != "mps")
+
+    if data is None:
+        reporter.stage(f"loading {config.data} at {config.image_size}px")
+        data = load_data(config.data, image_size=config.image_size, cache_dir=_cache_dir(config),
+                         num_workers=config.num_workers)
+    splits = make_splits(data, val_fraction=config.val_fraction, seed=config.seed)
+    train = subset_train(splits.train, data.labels, data.classes, samples_per_class=config.samples_per_class,
+                         train_fraction=config.train_fraction, seed=config.seed)
+    splits = Splits(train=train, val=splits.val, test=splits.test)
+
+    torch.manual_seed(config.seed)  # head init (and the whole net for scratch) depends on the seed only
+    model = build_model(config.model, num_classes=data.num_classes, pretrained=strategy.pretrained,
+                        head=config.head, weights=config.weights)
+    _probe(model, config)
+    groups = apply_strategy(model, strategy, lr=config.lr, backbone_lr_mult=config.backbone_lr_mult)
+    model.to(device)
+    if settings.channels_last:
+        model.to(memory_format=torch.channels_last)
+    return Prepared(config=config, data=data, splits=splits, model=model, settings=settings, param_groups=groups)
+
+
+def _cache_dir(config: TrainConfig) -> str:
+    from .config import cache_root
+
+    return cache_root(config)
+
+
+def _probe(model: Classifier, config: TrainConfig) -> None:
+    """One tiny forward pass, so an impossible input size fails now rather than mid-epoch."""
+    model.eval()
+    try:
+        with torch.inference_mode():
+            model(torch.zeros(2, 3, config.image_size, config.image_size))
+    except RuntimeError as exc:
+        raise ConfigError(f"Model {config.model} cannot take {config.image_size}px images "
+                          f"({str(exc).splitlines()[0][:120]}); try a larger --image-size.") from None
+
+
+def use_feature_cache(config: TrainConfig) -> bool:
+    return config.strategy == "transfer" and config.feature_cache != "off"
+
+
+def run_params(prep: Prepared) -> dict[str, Any]:
+    """The whole resolved config plus dataset facts and versions (logged once as params)."""
+    import mlflow
+    import torchvision
+
+    cfg = prep.config
+    params: dict[str, Any] = dict(cfg.to_params())
+    params.update(prep.splits.sizes())
+    params.update({
+        "num_classes": prep.data.num_classes,
+        "skipped_files": len(prep.data.skipped),
+        "device_resolved": str(prep.settings.device),
+        "amp_dtype": str(prep.settings.amp_dtype).replace("torch.", "") if prep.settings.amp_dtype else "fp32",
+        "feature_cache_used": use_feature_cache(cfg),
+        "augmentation": "flip(0.5), rotation(15), color_jitter(0.2, 0.2, 0.2, 0.1)",
+        "weights_source": get_spec(cfg.model).weights_source if cfg.weights is None else cfg.weights,
+        "torch_version": torch.__version__,
+        "torchvision_version": torchvision.__version__,
+        "mlflow_version": mlflow.__version__,
+        "python_version": platform.python_version(),
+    })
+    return params
+
+
+def train(config: TrainConfig, *, reporter: Reporter | None = None, data: ImageData | None = None,
+          parent_run_id: str | None = None, resume_run_id: str | None = None,
+          prepared: Prepared | None = None) -> RunSummary:
+    """Train one strategy as one MLflow run and return its summary."""
+    from . import tracking
+
+    reporter = reporter or SilentReporter()
+    checkpoint = None
+    if resume_run_id is not None:
+        run = tracking.run_exists(resume_run_id)
+        checkpoint = tracking.load_checkpoint(resume_run_id)
+        config = TrainConfig.from_params(run.data.params)
+    tracking.check_store()
+    prep = prepared or prepare(config, reporter=reporter, data=data)
+    cfg = prep.config
+    tags = {"strategy": cfg.strategy, "model": cfg.model, "dataset": cfg.dataset_name}
+    start_epoch = int(checkpoint["epoch"]) if checkpoint else 0
+    with tracking.training_run(experiment=cfg.experiment, run_name=cfg.run_name or cfg.default_run_name(),
+                               tags=tags, parent_run_id=parent_run_id, resume_run_id=resume_run_id,
+                               start_step=start_epoch) as logger:
+        if checkpoint is None:
+            logger.log_params(run_params(prep))
+            _log_data_artifacts(logger, prep)
+        summary = _fit(prep, logger, reporter, checkpoint)
+    return RunSummary(run_id=logger.run_id, config=cfg, metrics=summary["metrics"], history=summary["history"])
+
+
+def _log_data_artifacts(logger: Any, prep: Prepared) -> None:
+    import pandas as pd
+
+    logger.log_text(pd.DataFrame(split_manifest(prep.data, prep.splits)).to_csv(index=False), "data/split_manifest.csv")
+    if prep.data.skipped:
+        skipped = pd.DataFrame(prep.data.skipped, columns=["path", "reason"])
+        logger.log_text(skipped.to_csv(index=False), "data/skipped_files.csv")
+
+
+def _fit(prep: Prepared, logger: Any, reporter: Reporter, checkpoint: dict | None) -> dict[str, Any]:
+    cfg, model, settings, data, splits = prep.config, prep.model, prep.settings, prep.data, prep.splits
+    optimizer = torch.optim.Adam(prep.param_groups, lr=cfg.lr)
+    scaler = torch.amp.GradScaler(settings.device.type) if settings.amp_dtype == torch.float16 else None
+    shuffle_gen = torch.Generator().manual_seed(cfg.seed)
+    augment_gen = torch.Generator().manual_seed(cfg.seed + 10_000)
+    train_preset, eval_preset = TrainPreset(), EvalPreset()
+    images = data.images
+    if settings.device.type == "cuda":
+        images = images.pin_memory()
+    labels = data.labels
+    step_model = torch.compile(model) if cfg.compile else model
+
+    history: list[dict[str, float]] = []
+    best = {"acc": -1.0, "epoch": 0, "state": None}
+    start_epoch = 0
+    if checkpoint is not None:
+        model.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        shuffle_gen.set_state(checkpoint["shuffle_gen"])
+        augment_gen.set_state(checkpoint["augment_gen"])
+        torch.set_rng_state(checkpoint["torch_rng"])
+        history = [dict(h) for h in checkpoint["history"]]
+        best = {"acc": float(checkpoint["best_acc"]), "epoch": int(checkpoint["best_epoch"]),
+                "state": checkpoint["best_state"]}
+        start_epoch = int(checkpoint["epoch"])
+
+    cached = None
+    if use_feature_cache(cfg):
+        reporter.stage(f"computing frozen-backbone features once ({cfg.feature_cache_views} augmented views)")
+        t0 = time.perf_counter()
+        cached = _cached_features(prep, train_preset)
+        logger.log_metrics({"feature_cache_time_s": time.perf_counter() - t0}, step=0)
+        if checkpoint is None:
+            torch.manual_seed(cfg.seed + 1)  # dropout stream independent of how features were computed
+
+    run_start = time.perf_counter()
+    for epoch in range(start_epoch + 1, cfg.epochs + 1):
+        t0 = time.perf_counter()
+        n_batches = -(-len(splits.train) // cfg.batch_size)
+        reporter.epoch_start(epoch, cfg.epochs, n_batches)
+        on_batch = lambda n, stats: reporter.batch(stats)  # noqa: E731
+        if cached is not None:
+            view = torch.randint(cfg.feature_cache_views, (len(splits.train),), generator=augment_gen)
+            train_x = cached["train"][view.to(cached["train"].device), torch.arange(len(splits.train))]
+            train_y = labels[splits.train]
+            batches = iterate_batches(train_x, train_y, torch.arange(len(train_y)), batch_size=cfg.batch_size,
+                                      settings=settings, shuffle=True, generator=shuffle_gen)
+            tr = train_one_epoch(model.head, batches, optimizer, settings=settings, scaler=scaler, on_batch=on_batch)
+            val_batches = iterate_batches(cached["val"], labels[splits.val], torch.arange(len(splits.val)),
+                                          batch_size=cfg.eval_batch_size, settings=settings)
+            va = evaluate(model.head, val_batches, settings=settings)
+        else:
+            batches = iterate_batches(images, labels, splits.train, batch_size=cfg.batch_size, settings=settings,
+                                      transform=train_preset, shuffle=True, generator=shuffle_gen,
+                                      transform_generator=augment_gen)
+            tr = train_one_epoch(step_model, batches, optimizer, settings=settings, scaler=scaler, on_batch=on_batch)
+            va = evaluate(step_model, iterate_batches(images, labels, splits.val, batch_size=cfg.eval_batch_size,
+                                                      settings=settings, transform=eval_preset), settings=settings)
+        row = {"epoch": epoch, "train_loss": tr["loss"], "train_acc": tr["acc"], "val_loss": va["loss"],
+               "val_acc": va["acc"], "epoch_time_s": time.perf_counter() - t0,
+               "lr": optimizer.param_groups[-1]["lr"], "train_samples_per_s": tr["samples_per_s"]}
+        history.append(row)
+        logger.log_metrics({k: row[k] for k in EPOCH_METRICS}, step=epoch)
+        reporter.epoch_end(epoch, cfg.epochs, row)
+        if va["acc"] > best["acc"]:
+            best = {"acc": va["acc"], "epoch": epoch, "state": _cpu_state(model)}
+        logger.keep_checkpoint({
+            "epoch": epoch, "model": _cpu_state(model), "optimizer": optimizer.state_dict(),
+            "shuffle_gen": shuffle_gen.get_state(), "augment_gen": augment_gen.get_state(),
+            "torch_rng": torch.get_rng_state(), "history": history, "best_acc": best["acc"],
+            "best_epoch": best["epoch"], "best_state": best["state"]})
+    reporter.done()
+    train_time = time.perf_counter() - run_start
+
+    model.load_state_dict(best["state"])
+    metrics = _summary_metrics(history, best, model, train_time)
+    results = {"val": _final_eval(prep, cached, "val")}
+    if splits.test is not None and len(splits.test):
+        results["test"] = _final_eval(prep, cached, "test")
+        metrics["test_acc"], metrics["test_loss"] = results["test"]["acc"], results["test"]["loss"]
+    metrics["train_samples_per_class"] = len(splits.train) / data.num_classes
+    logger.log_metrics(metrics, step=0, synchronous=True)
+    _log_results(logger, prep, history, results)
+    return {"metrics": metrics, "history": history}
+
+
+def _cached_features(prep: Prepared, preset: TrainPreset) -> dict[str, torch.Tensor]:
+    cfg, data, splits, settings = prep.config, prep.data, prep.splits, prep.settings
+    key = (data.fingerprint, cfg.model, cfg.weights, cfg.image_size, str(settings.amp_dtype), cfg.channels_last,
+           str(settings.device), cfg.seed, cfg.feature_cache_views)
+    store = feature_cache.feature_store(key, num_images=len(data.images), views=cfg.feature_cache_views,
+                                        seed=cfg.seed)
+    body = prep.model.features
+    out = {"train": store.get_augmented(body, data.images, splits.train, settings=settings,
+                                        batch_size=cfg.eval_batch_size, preset=preset),
+           "val": store.get_clean(body, data.images, splits.val, settings=settings, batch_size=cfg.eval_batch_size)}
+    if splits.test is not None and len(splits.test):
+        out["test"] = store.get_clean(body, data.images, splits.test, settings=settings,
+                                      batch_size=cfg.eval_batch_size)
+    return out
+
+
+def _cpu_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+
+
+def _final_eval(prep: Prepared, cached: dict | None, split: str) -> dict[str, Any]:
+    index = getattr(prep.splits, split)
+    labels = prep.data.labels
+    if cached is not None:
+        batches = iterate_batches(cached[split], labels[index], torch.arange(len(index)),
+                                  batch_size=prep.config.eval_batch_size, settings=prep.settings)
+        return evaluate(prep.model.head, batches, settings=prep.settings)
+    batches = iterate_batches(prep.data.images, labels, index, batch_size=prep.config.eval_batch_size,
+                              settings=prep.settings, transform=EvalPreset())
+    return evaluate(prep.model, batches, settings=prep.settings)
+
+
+def _summary_metrics(history: list[dict[str, float]], best: dict, model: Classifier,
+                     train_time: float) -> dict[str, float]:
+    total, trainable = count_parameters(model)
+    last = history[-1]
+    return {
+        "best_val_acc": best["acc"], "best_epoch": best["epoch"],
+        "final_train_acc": last["train_acc"], "final_val_acc": last["val_acc"],
+        "total_time_s": sum(h["epoch_time_s"] for h in history),
+        "avg_epoch_time_s": sum(h["epoch_time_s"] for h in history) / len(history),
+        "params_total": total, "params_trainable": trainable, "trainable_fraction": trainable / total,
+    }
+
+
+def _log_results(logger: Any, prep: Prepared, history: list[dict[str, float]], results: dict[str, Any]) -> None:
+    import pandas as pd
+
+    logger.log_text(pd.DataFrame(history).to_csv(index=False), "history.csv")
+    classes = prep.data.classes
+    for split, res in results.items():
+        cm = confusion_matrix(res["pred"], res["target"], len(classes))
+        per_class = pd.DataFrame({
+            "class": classes, "support": cm.sum(1).tolist(), "correct": cm.diag().tolist(),
+            "accuracy": (cm.diag().float() / cm.sum(1).clamp(min=1).float()).tolist()})
+        logger.log_text(per_class.to_csv(index=False), f"eval/per_class_accuracy_{split}.csv")
+        logger.log_figure(_confusion_figure(cm.numpy(), classes, title=f"Confusion matrix ({split})"),
+                          f"eval/confusion_matrix_{split}.png")
+    logger.log_dict({"classes": classes}, "model_classes.json")
+    model = copy.deepcopy(prep.model).to("cpu").to(memory_format=torch.contiguous_format).eval()
+    # Batch of 2: an example of batch size 1 freezes the exported (pt2) model to batch size 1.
+    example = (prep.data.images[prep.splits.val[:2]].float() / 255.0).numpy()
+    logger.log_model(model, input_example=example, class_names=classes)
+
+
+def _confusion_figure(cm: Any, classes: list[str], *, title: str) -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = len(classes)
+    size = min(12.0, 2.0 + 0.45 * n)
+    fig, ax = plt.subplots(figsize=(size, size))
+    ax.imshow(cm, cmap="Blues")
+    ax.set(xticks=range(n), yticks=range(n), xlabel="Predicted class", ylabel="True class", title=title)
+    if n <= 30:
+        ax.set_xticklabels(classes, rotation=45, ha="right")
+        ax.set_yticklabels(classes)
+        top = cm.max() if cm.size else 0
+        for i in range(n):
+            for j in range(n):
+                ax.text(j, i, int(cm[i, j]), ha="center", va="center",
+                        color="white" if cm[i, j] > top / 2 else "black", fontsize=8)
+    fig.tight_layout()
+    plt.close(fig)
+    return fig
