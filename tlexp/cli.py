@@ -72,6 +72,15 @@ def parse_samples_per_class(value: str | None) -> int | None:
         raise ConfigError(f"--samples-per-class must be a positive integer or 'all', got {value!r}.") from None
 
 
+def parse_image_size(value: str) -> int | None:
+    if value.lower() in ("auto", "none", ""):
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise ConfigError(f"--image-size must be a whole number of pixels or 'auto', got {value!r}.") from None
+
+
 def _choices(option: str, value: str, allowed: tuple[str, ...]) -> str:
     if value not in allowed:
         raise ConfigError(f"Unknown {option} {value!r}; expected one of: {', '.join(allowed)}.")
@@ -93,8 +102,8 @@ def train(
     lr: Annotated[float, typer.Option(help="Adam learning rate (head; whole net for scratch).")] = 1e-3,
     backbone_lr_mult: Annotated[float, typer.Option(help="finetune: backbone lr = lr x this.")] = 0.1,
     seed: Annotated[int, typer.Option(help="Seed for init, split, shuffling and augmentation.")] = 42,
-    image_size: Annotated[Optional[int], typer.Option(help="Pixels per side (default 224 for photos, "
-                                                           "64 for digits).")] = None,
+    image_size: Annotated[str, typer.Option(help="Pixels per side, or 'auto' (224 for photos, "
+                                                 "64 for digits).")] = "auto",
     val_fraction: Annotated[float, typer.Option(help="Validation share when the data has no val/ folder.")] = 0.2,
     samples_per_class: Annotated[str, typer.Option(help="Train on N images per class, or 'all'.")] = "all",
     train_fraction: Annotated[float, typer.Option(help="Train on this stratified fraction of the train split.")] = 1.0,
@@ -130,7 +139,7 @@ def train(
         base = TrainConfig(
             strategy=strategies[0] if strategies else "", data=data, model=model, weights=weights, head=head,
             epochs=epochs, batch_size=batch_size, lr=lr, backbone_lr_mult=backbone_lr_mult, seed=seed,
-            image_size=image_size, val_fraction=val_fraction,
+            image_size=parse_image_size(image_size), val_fraction=val_fraction,
             samples_per_class=parse_samples_per_class(samples_per_class), train_fraction=train_fraction,
             device=device, precision=precision, channels_last=channels_last, compile=compile,
             num_workers=num_workers, feature_cache=feature_cache, feature_cache_views=feature_cache_views,
@@ -158,23 +167,30 @@ def _print_summaries(summaries: list) -> None:
     from .tracking import tracking_uri
 
     console = Console()
-    table = Table(title="tlexp: results (accuracies on the validation split)")
-    for col in ("run", "strategy", "best val acc", "best epoch", "final train acc", "test acc",
-                "trainable params", "time"):
-        table.add_column(col, justify="right" if col not in ("run", "strategy") else "left")
+    table = Table(title="tlexp results (validation split)")
+    for col in ("strategy", "best val", "@ep", "train", "test", "trainable/total", "time"):
+        table.add_column(col, justify="left" if col == "strategy" else "right", no_wrap=True)
     for s in summaries:
         m = s.metrics
-        test = f"{m['test_acc']:.2%}" if "test_acc" in m else "-"
-        table.add_row(s.run_id[:8], s.config.strategy, f"{m['best_val_acc']:.2%}", str(int(m["best_epoch"])),
-                      f"{m['final_train_acc']:.2%}", test,
-                      f"{int(m['params_trainable']):,} / {int(m['params_total']):,}", f"{m['total_time_s']:.1f}s")
+        test = f"{m['test_acc']:.1%}" if "test_acc" in m else "-"
+        table.add_row(s.config.strategy, f"{m['best_val_acc']:.1%}", str(int(m["best_epoch"])),
+                      f"{m['final_train_acc']:.1%}", test,
+                      f"{_short(m['params_trainable'])} / {_short(m['params_total'])}", f"{m['total_time_s']:.1f}s")
     console.print(table)
     exp = summaries[0].config.experiment
     for s in summaries:
-        console.print(f"run id {s.run_id}  ({s.config.run_name})")
-    console.print(f"Tracking store: {tracking_uri()}\n"
-                  f"Look at it: `mlflow ui` (then open http://127.0.0.1:5000) or "
-                  f"`tlexp compare --experiment {exp}`.")
+        console.print(f"run id {s.run_id}  ({s.config.run_name})", soft_wrap=True)
+    console.print(f"Tracking store: {tracking_uri()}", soft_wrap=True)
+    console.print(f"Look at it: `mlflow ui` (then open http://127.0.0.1:5000) or "
+                  f"`tlexp compare --experiment {exp}`.", soft_wrap=True)
+
+
+def _short(n: float) -> str:
+    n = float(n)
+    for unit, size in (("M", 1e6), ("k", 1e3)):
+        if n >= size:
+            return f"{n / size:.2f}{unit}"
+    return f"{int(n)}"
 
 
 def main() -> None:

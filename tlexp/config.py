@@ -90,6 +90,7 @@ class TrainConfig:
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             out[f.name] = "none" if value is None else str(value)
+        out["samples_per_class"] = "all" if self.samples_per_class is None else str(self.samples_per_class)
         out["dataset"] = self.dataset_name
         return out
 
@@ -136,9 +137,6 @@ class TrainConfig:
             raise ConfigError(f"--feature-cache-views must be at least 1, got {self.feature_cache_views}.")
         if self.num_workers < 0:
             raise ConfigError(f"--num-workers must be 0 or more, got {self.num_workers}.")
-        if self.weights is not None and self.strategy == "scratch":
-            raise ConfigError("--weights loads pretrained weights, which the 'scratch' strategy does not use; "
-                              "use --strategy transfer or finetune.")
         if not self.experiment:
             raise ConfigError("--experiment must not be empty.")
         return self
@@ -149,6 +147,8 @@ class TrainConfig:
         changes: dict[str, Any] = {}
         if self.image_size is None:
             changes["image_size"] = DEFAULT_IMAGE_SIZE.get(self.data, DEFAULT_PHOTO_IMAGE_SIZE)
+        if self.strategy == "scratch" and self.weights is not None:
+            changes["weights"] = None  # scratch starts from random init: pretrained weights do not apply
         if self.run_name is None:
             changes["run_name"] = self.replace(**changes).default_run_name()
         return self.replace(**changes) if changes else self
@@ -167,7 +167,7 @@ def _choice(what: str, value: str, allowed: tuple[str, ...]) -> None:
 
 
 def _parse_field(f: dataclasses.Field, raw: str) -> Any:
-    if raw in ("none", "None"):
+    if raw in ("none", "None") or (f.name == "samples_per_class" and raw == "all"):
         return None
     kind = str(f.type)
     if kind.startswith("bool"):

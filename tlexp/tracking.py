@@ -61,11 +61,46 @@ def check_store(uri: str | None = None) -> str:
             raise TrackingError(f"Tracking store {uri!r} is not writable; set MLFLOW_TRACKING_URI to a "
                                 f"writable location (e.g. sqlite:///$HOME/mlflow.db).")
     try:
-        MlflowClient(uri).search_experiments(max_results=1)
+        with _schema_lock(uri):
+            MlflowClient(uri).search_experiments(max_results=1)
     except Exception as exc:
         raise TrackingError(f"Tracking store {uri!r} is not reachable ({type(exc).__name__}: "
                             f"{_first_line(exc)}); start the server or set MLFLOW_TRACKING_URI.") from exc
     return uri
+
+
+def _same_number(a: str, b: str) -> bool:
+    try:
+        return float(a) == float(b)
+    except ValueError:
+        return False
+
+
+@contextlib.contextmanager
+def _schema_lock(uri: str) -> Iterator[None]:
+    """Serialise first use of a SQLite store across processes.
+
+    MLflow creates and migrates the schema of a fresh SQLite file on first
+    use; several ``tlexp train`` processes starting together race on it
+    ("table ... already exists", "Online migration expected to match one
+    row"). An exclusive lock on the store's folder lets one process create
+    the schema while the others wait; afterwards the lock costs nothing.
+    """
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows: no flock, no lock
+        yield
+        return
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    folder = os.path.dirname(os.path.abspath(uri[len("sqlite:///"):])) or "."
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing the descriptor releases the lock
 
 
 def _first_line(exc: BaseException) -> str:
@@ -104,9 +139,20 @@ class RunLogger:
 
     # -- params, tags, metrics -------------------------------------------------
     def log_params(self, params: dict[str, Any]) -> None:
+        """Log params in batches. Keys the run already has (``mlflow run`` logs the MLproject's
+        parameters as given, e.g. image_size=auto) are kept; where tlexp resolved a different
+        value it is logged as ``<key>_resolved`` (MLflow forbids changing a param)."""
         from mlflow.entities import Param
 
-        items = [Param(k, str(v)[:6000]) for k, v in params.items()]
+        existing = self.client.get_run(self.run_id).data.params
+        values = {}
+        for key, value in params.items():
+            value = str(value)[:6000]
+            if key not in existing:
+                values[key] = value
+            elif existing[key] != value and not _same_number(existing[key], value):
+                values[f"{key}_resolved"] = value
+        items = [Param(k, v) for k, v in values.items()]
         for i in range(0, len(items), 100):  # MLflow caps a batch at 100 params
             self.client.log_batch(self.run_id, params=items[i:i + 100])
 
@@ -141,8 +187,9 @@ class RunLogger:
         import mlflow
 
         with _active(self.run_id):
+            # Explicit requirements: MLflow's inference re-imports the model in a subprocess (~10 s a run).
             mlflow.pytorch.log_model(model, name="model", input_example=input_example,
-                                     metadata={"class_names": class_names})
+                                     pip_requirements=_model_requirements(), metadata={"class_names": class_names})
 
     # -- checkpoints ---------------------------------------------------------
     def keep_checkpoint(self, state: dict[str, Any]) -> None:
@@ -159,6 +206,17 @@ class RunLogger:
             torch.save(self._checkpoint, path)
             self.client.log_artifact(self.run_id, path, os.path.dirname(CHECKPOINT_ARTIFACT))
         return True
+
+
+def _model_requirements() -> list[str]:
+    """What loading the logged model needs, pinned to the versions that trained it."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = []
+    for dist in ("torch", "torchvision", "timm", "numpy", "cloudpickle", "mlflow"):
+        with contextlib.suppress(PackageNotFoundError):
+            out.append(f"{dist}=={version(dist).split('+')[0]}")
+    return out
 
 
 @contextlib.contextmanager

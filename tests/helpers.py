@@ -1,0 +1,38 @@
+"""Small builders shared by tests: tiny image trees and tiny pretrained weights."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+
+def make_image_tree(root: Path, layout: dict[str, dict[str, int]], *, size: int = 12, seed: int = 0) -> Path:
+    """Write PNGs: layout = {"train": {"cat": 5, "dog": 5}, "val": {...}} or {"": {...}} for no splits.
+
+    Each class gets its own colour so that a tiny model can learn it.
+    """
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for split, classes in layout.items():
+        for ci, (cls, count) in enumerate(sorted(classes.items())):
+            folder = root / split / cls if split else root / cls
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(count):
+                base = np.zeros((size, size, 3), dtype=np.uint8)
+                base[..., ci % 3] = 200
+                noise = rng.integers(0, 40, size=(size, size, 3), dtype=np.uint8)
+                Image.fromarray(base + noise).save(folder / f"{cls}_{i}.png")
+    return root
+
+
+def tiny_weights(path: Path, seed: int = 0) -> Path:
+    """A state_dict of tlexp's TinyCNN, standing in for 'pretrained' weights."""
+    import torch
+
+    from tlexp.models import TinyCNN
+
+    torch.manual_seed(seed)
+    torch.save(TinyCNN().state_dict(), path)
+    return path

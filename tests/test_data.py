@@ -1,0 +1,66 @@
+import torch
+
+from tests.helpers import make_image_tree
+from tlexp.data import (EvalPreset, TrainPreset, load_data, make_splits, split_manifest, stratified_split,
+                        subset_train)
+
+
+def test_digits_are_decoded_once_as_uint8_rgb():
+    data = load_data("digits", image_size=16)
+    assert data.images.shape == (1797, 3, 16, 16) and data.images.dtype == torch.uint8
+    assert data.num_classes == 10 and len(data.labels) == 1797
+    assert torch.equal(data.images[:, 0], data.images[:, 1])  # grey replicated to 3 channels
+    assert load_data("digits", image_size=16) is data  # memoised: the second call decodes nothing
+
+
+def test_stratified_split_is_disjoint_seeded_and_keeps_class_shares():
+    labels = torch.arange(10).repeat_interleave(20)
+    a_train, a_val = stratified_split(labels, fraction=0.2, seed=1)
+    b_train, b_val = stratified_split(labels, fraction=0.2, seed=1)
+    c_train, _ = stratified_split(labels, fraction=0.2, seed=2)
+    assert torch.equal(a_val, b_val) and not torch.equal(a_train, c_train)
+    assert set(a_train.tolist()).isdisjoint(a_val.tolist())
+    assert len(a_train) + len(a_val) == 200
+    assert torch.bincount(labels[a_val]).tolist() == [4] * 10
+
+
+def test_subset_per_class_and_fraction():
+    labels = torch.arange(3).repeat_interleave(10)
+    train = torch.arange(30)
+    sub = subset_train(train, labels, ["a", "b", "c"], samples_per_class=4, train_fraction=1.0, seed=0)
+    assert torch.bincount(labels[sub]).tolist() == [4, 4, 4]
+    frac = subset_train(train, labels, ["a", "b", "c"], samples_per_class=None, train_fraction=0.5, seed=0)
+    assert torch.bincount(labels[frac]).tolist() == [5, 5, 5]
+
+
+def test_image_folder_with_split_folders_never_shares_a_file(tmp_path):
+    root = make_image_tree(tmp_path / "pets", {"train": {"cat": 4, "dog": 5}, "val": {"cat": 2, "dog": 2},
+                                               "test": {"cat": 1, "dog": 2}})
+    data = load_data(str(root), image_size=10, cache_dir=str(tmp_path / "c"))
+    splits = make_splits(data, val_fraction=0.2, seed=0)
+    assert splits.sizes() == {"train_size": 9, "val_size": 4, "test_size": 3}
+    rows = split_manifest(data, splits)
+    by_split = {s: {r["path"] for r in rows if r["split"] == s} for s in ("train", "val", "test")}
+    assert not (by_split["train"] & by_split["val"]) and not (by_split["train"] & by_split["test"])
+    assert all(p.startswith("val/") for p in by_split["val"])
+    assert data.classes == ["cat", "dog"]
+
+
+def test_image_folder_without_splits_gets_a_stratified_split(tmp_path):
+    root = make_image_tree(tmp_path / "flat", {"": {"a": 10, "b": 10}})
+    data = load_data(str(root), image_size=8)
+    splits = make_splits(data, val_fraction=0.2, seed=0)
+    assert splits.test is None and len(splits.val) == 4
+    assert torch.bincount(data.labels[splits.val]).tolist() == [2, 2]
+
+
+def test_train_pipeline_augments_and_eval_pipeline_is_deterministic():
+    # The seed notebook overwrote the training transforms with the validation ones; here the two differ.
+    batch = load_data("digits", image_size=16).images[:16]
+    train, evaluate = TrainPreset(), EvalPreset()
+    a = train(batch, torch.Generator().manual_seed(0))
+    b = train(batch, torch.Generator().manual_seed(1))
+    assert not torch.allclose(a, b)
+    assert not torch.allclose(a, batch.float() / 255)
+    assert torch.equal(evaluate(batch), evaluate(batch))
+    assert torch.equal(evaluate(batch), batch.float() / 255)
