@@ -1,6 +1,6 @@
 import torch
 
-from tests.helpers import make_image_tree
+from helpers import make_image_tree
 from tlexp.data import (EvalPreset, TrainPreset, load_data, make_splits, split_manifest, stratified_split,
                         subset_train)
 

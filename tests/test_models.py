@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.helpers import tiny_weights
+from helpers import tiny_weights
 from tlexp.models import (Classifier, WeightsError, build_model, convert_lite0_state_dict, count_parameters,
                           get_spec)
 

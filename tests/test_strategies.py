@@ -1,6 +1,6 @@
 import torch
 
-from tests.helpers import tiny_weights
+from helpers import tiny_weights
 from tlexp.engine import DeviceSettings, iterate_batches, train_one_epoch
 from tlexp.models import build_model
 from tlexp.strategies import apply_strategy, get_strategy

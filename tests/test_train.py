@@ -7,7 +7,7 @@ import torch
 from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
 
-from tests.helpers import make_image_tree, tiny_weights
+from helpers import make_image_tree, tiny_weights
 from tlexp.cli import app
 
 EPOCH_METRICS = {"train_loss", "train_acc", "val_loss", "val_acc", "epoch_time_s", "lr", "train_samples_per_s"}
