@@ -45,16 +45,30 @@ def user_errors() -> Iterator[None]:
     try:
         yield
     except errors as exc:
-        typer.secho(f"Error: {exc}", err=True, fg=typer.colors.RED)
+        typer.secho(f"Error: {' '.join(str(exc).split(chr(10)))}", err=True, fg=typer.colors.RED)
         raise typer.Exit(EXIT_USAGE) from None
-    except KeyboardInterrupt:
-        typer.secho("Interrupted: the run was marked KILLED and its last epoch saved; "
-                    "continue it with `tlexp train --resume RUN_ID`.", err=True, fg=typer.colors.YELLOW)
-        raise typer.Exit(130) from None
+    except KeyboardInterrupt as exc:
+        typer.secho(interrupted_message(exc), err=True, fg=typer.colors.YELLOW)
+        raise typer.Exit(128 + getattr(exc, "signum", 2)) from None
     except torch_oom_types() as exc:
-        typer.secho(f"Error: out of memory ({str(exc).splitlines()[0][:120]}); the run was marked FAILED; "
-                    f"try a smaller --batch-size or --image-size.", err=True, fg=typer.colors.RED)
+        first = (str(exc).strip().splitlines() or [""])[0][:160]
+        run_id = getattr(exc, "tlexp_run_id", None)
+        marked = f"run {run_id} was marked FAILED" if run_id else "nothing was logged"
+        typer.secho(f"Error: out of memory ({first}); {marked}; try a smaller --batch-size "
+                    f"(or --image-size).", err=True, fg=typer.colors.RED)
         raise typer.Exit(1) from None
+
+
+def interrupted_message(exc: BaseException) -> str:
+    """What a Ctrl-C / SIGTERM left behind, and how to continue."""
+    run_id, epoch = getattr(exc, "run_id", None), getattr(exc, "epoch", None)
+    if run_id is None:
+        return "Interrupted while no run was open: no run was left unfinished."
+    if epoch is None:
+        return (f"Interrupted: run {run_id} was marked KILLED before its first epoch ended, so there is "
+                f"nothing to resume; start it again.")
+    return (f"Interrupted: run {run_id} was marked KILLED and epoch {epoch} (the last completed) saved; "
+            f"continue it with `tlexp train --resume {run_id}`.")
 
 
 def torch_oom_types() -> tuple[type[BaseException], ...]:
@@ -87,39 +101,83 @@ def _choices(option: str, value: str, allowed: tuple[str, ...]) -> str:
     return value
 
 
+# Options shared by `train` and `sweep` (one definition each).
+DataOpt = Annotated[str, typer.Option(help="'digits' (built in, offline), 'flowers102', or a path to an ImageFolder "
+                                           "tree (class folders, or train/ val/ [test/]).")]
+ModelOpt = Annotated[str, typer.Option(help="efficientnet_lite0 (offline ImageNet weights), a torchvision model "
+                                            "such as resnet50, or a timm model name.")]
+WeightsOpt = Annotated[Optional[str], typer.Option(help="Local state_dict to use as pretrained weights.")]
+HeadOpt = Annotated[str, typer.Option(help="mlp (the seed's 512-unit head) | linear.")]
+EpochsOpt = Annotated[int, typer.Option(help="Training epochs.")]
+BatchOpt = Annotated[int, typer.Option(help="Training batch size.")]
+LrOpt = Annotated[float, typer.Option(help="Adam learning rate (head; whole net for scratch).")]
+MultOpt = Annotated[float, typer.Option(help="finetune: backbone lr = lr x this.")]
+SizeOpt = Annotated[str, typer.Option(help="Pixels per side, or 'auto' (224 for photos, 64 for digits).")]
+ValOpt = Annotated[float, typer.Option(help="Validation share when the data has no val/ folder.")]
+DeviceOpt = Annotated[str, typer.Option(help="auto | cpu | cuda | mps.")]
+PrecisionOpt = Annotated[str, typer.Option(help="auto (bf16 on CUDA) | bf16 | fp16 | fp32.")]
+ChannelsOpt = Annotated[bool, typer.Option(help="Use the channels_last memory format.")]
+CompileOpt = Annotated[bool, typer.Option("--compile", help="torch.compile the model.")]
+WorkersOpt = Annotated[int, typer.Option(help="Threads that decode images (once, then cached).")]
+CacheOpt = Annotated[str, typer.Option(help="transfer: compute frozen-backbone features once (auto | on | off).")]
+ViewsOpt = Annotated[int, typer.Option(help="Augmented views per image in the feature cache.")]
+ExperimentOpt = Annotated[str, typer.Option(help="MLflow experiment name.")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
+
+
+def _base_config(*, strategy: str, data: str, model: str, weights: str | None, head: str, epochs: int,
+                 batch_size: int, lr: float, backbone_lr_mult: float, seed: int, image_size: str,
+                 val_fraction: float, samples_per_class: int | None, train_fraction: float, device: str,
+                 precision: str, channels_last: bool, compile: bool, num_workers: int, feature_cache: str,
+                 feature_cache_views: int, experiment: str, run_name: str | None) -> TrainConfig:
+    _choices("head", head, HEADS)
+    _choices("device", device, DEVICES)
+    _choices("precision", precision, PRECISIONS)
+    return TrainConfig(
+        strategy=strategy, data=data, model=model, weights=weights, head=head, epochs=epochs,
+        batch_size=batch_size, lr=lr, backbone_lr_mult=backbone_lr_mult, seed=seed,
+        image_size=parse_image_size(image_size), val_fraction=val_fraction, samples_per_class=samples_per_class,
+        train_fraction=train_fraction, device=device, precision=precision, channels_last=channels_last,
+        compile=compile, num_workers=num_workers, feature_cache=feature_cache,
+        feature_cache_views=feature_cache_views, experiment=experiment, run_name=run_name)
+
+
+def _split_list(option: str, value: str) -> list[str]:
+    items = [v.strip() for v in value.split(",") if v.strip()]
+    if not items:
+        raise ConfigError(f"{option} is empty; give one or more comma-separated values.")
+    return items
+
+
 @app.command()
 def train(
     strategy: Annotated[str, typer.Option(help="scratch | transfer | finetune, or several comma-separated "
                                                "(each is its own run).")] = "transfer",
-    data: Annotated[str, typer.Option(help="'digits' (built in, offline), 'flowers102', or a path to an "
-                                           "ImageFolder tree (class folders, or train/ val/ [test/]).")] = "digits",
-    model: Annotated[str, typer.Option(help="efficientnet_lite0 (offline ImageNet weights), a torchvision "
-                                            "model such as resnet50, or a timm model name.")] = "efficientnet_lite0",
-    weights: Annotated[Optional[str], typer.Option(help="Local state_dict to use as pretrained weights.")] = None,
-    head: Annotated[str, typer.Option(help="mlp (the seed's 512-unit head) | linear.")] = "mlp",
-    epochs: Annotated[int, typer.Option(help="Training epochs.")] = 15,
-    batch_size: Annotated[int, typer.Option(help="Training batch size.")] = 32,
-    lr: Annotated[float, typer.Option(help="Adam learning rate (head; whole net for scratch).")] = 1e-3,
-    backbone_lr_mult: Annotated[float, typer.Option(help="finetune: backbone lr = lr x this.")] = 0.1,
+    data: DataOpt = "digits",
+    model: ModelOpt = "efficientnet_lite0",
+    weights: WeightsOpt = None,
+    head: HeadOpt = "mlp",
+    epochs: EpochsOpt = 15,
+    batch_size: BatchOpt = 32,
+    lr: LrOpt = 1e-3,
+    backbone_lr_mult: MultOpt = 0.1,
     seed: Annotated[int, typer.Option(help="Seed for init, split, shuffling and augmentation.")] = 42,
-    image_size: Annotated[str, typer.Option(help="Pixels per side, or 'auto' (224 for photos, "
-                                                 "64 for digits).")] = "auto",
-    val_fraction: Annotated[float, typer.Option(help="Validation share when the data has no val/ folder.")] = 0.2,
+    image_size: SizeOpt = "auto",
+    val_fraction: ValOpt = 0.2,
     samples_per_class: Annotated[str, typer.Option(help="Train on N images per class, or 'all'.")] = "all",
     train_fraction: Annotated[float, typer.Option(help="Train on this stratified fraction of the train split.")] = 1.0,
-    device: Annotated[str, typer.Option(help="auto | cpu | cuda | mps.")] = "auto",
-    precision: Annotated[str, typer.Option(help="auto (bf16 on CUDA) | bf16 | fp16 | fp32.")] = "auto",
-    channels_last: Annotated[bool, typer.Option(help="Use the channels_last memory format.")] = True,
-    compile: Annotated[bool, typer.Option("--compile", help="torch.compile the model.")] = False,
-    num_workers: Annotated[int, typer.Option(help="Threads that decode images (once, then cached).")] = 2,
-    feature_cache: Annotated[str, typer.Option(help="transfer: compute frozen-backbone features once "
-                                                    "(auto | on | off).")] = "auto",
-    feature_cache_views: Annotated[int, typer.Option(help="Augmented views per image in the feature cache.")] = 4,
-    experiment: Annotated[str, typer.Option(help="MLflow experiment name.")] = DEFAULT_EXPERIMENT,
+    device: DeviceOpt = "auto",
+    precision: PrecisionOpt = "auto",
+    channels_last: ChannelsOpt = True,
+    compile: CompileOpt = False,
+    num_workers: WorkersOpt = 2,
+    feature_cache: CacheOpt = "auto",
+    feature_cache_views: ViewsOpt = 4,
+    experiment: ExperimentOpt = DEFAULT_EXPERIMENT,
     run_name: Annotated[Optional[str], typer.Option(help="MLflow run name (default strategy-model-sSEED).")] = None,
     resume: Annotated[Optional[str], typer.Option(help="Continue an interrupted run (its RUN_ID) from its "
                                                        "last completed epoch.")] = None,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
+    quiet: QuietOpt = False,
 ) -> None:
     """Train one or more strategies, each as its own MLflow run."""
     from .experiment import train as train_run
@@ -130,34 +188,136 @@ def train(
             summary = train_run(TrainConfig(), reporter=reporter, resume_run_id=resume)
             _print_summaries([summary])
             return
-        strategies = [s.strip() for s in strategy.split(",") if s.strip()]
+        strategies = _split_list("--strategy", strategy)
         for s in strategies:
             _choices("strategy", s, STRATEGIES)
-        _choices("head", head, HEADS)
-        _choices("device", device, DEVICES)
-        _choices("precision", precision, PRECISIONS)
-        base = TrainConfig(
-            strategy=strategies[0] if strategies else "", data=data, model=model, weights=weights, head=head,
-            epochs=epochs, batch_size=batch_size, lr=lr, backbone_lr_mult=backbone_lr_mult, seed=seed,
-            image_size=parse_image_size(image_size), val_fraction=val_fraction,
-            samples_per_class=parse_samples_per_class(samples_per_class), train_fraction=train_fraction,
-            device=device, precision=precision, channels_last=channels_last, compile=compile,
-            num_workers=num_workers, feature_cache=feature_cache, feature_cache_views=feature_cache_views,
-            experiment=experiment, run_name=run_name)
+        base = _base_config(
+            strategy=strategies[0], data=data, model=model, weights=weights, head=head, epochs=epochs,
+            batch_size=batch_size, lr=lr, backbone_lr_mult=backbone_lr_mult, seed=seed, image_size=image_size,
+            val_fraction=val_fraction, samples_per_class=parse_samples_per_class(samples_per_class),
+            train_fraction=train_fraction, device=device, precision=precision, channels_last=channels_last,
+            compile=compile, num_workers=num_workers, feature_cache=feature_cache,
+            feature_cache_views=feature_cache_views, experiment=experiment, run_name=run_name)
         # Validate every strategy's config before the first run starts: fail fast, not after an hour.
         configs = [base.replace(strategy=s).validate() for s in strategies]
         if len(configs) > 1 and run_name is not None:
             raise ConfigError("--run-name names one run; leave it out when training several strategies.")
+        if len(configs) > 1:  # also data, weights and sizes of every strategy, before the first one trains
+            from .experiment import preflight
+
+            preflight(configs, reporter=reporter)
         summaries = []
         for cfg in configs:
             summaries.append(train_run(cfg, reporter=reporter))
         _print_summaries(summaries)
 
 
-def _reporter(quiet: bool):
+@app.command()
+def sweep(
+    strategies: Annotated[str, typer.Option(help="Comma-separated strategies.")] = "scratch,transfer,finetune",
+    seeds: Annotated[str, typer.Option(help="Comma-separated seeds (the spread over seeds is the noise).")] = "0,1,2",
+    samples_per_class: Annotated[str, typer.Option(help="Comma-separated training-set sizes per class; "
+                                                        "'all' = the whole train split.")] = "5,20,all",
+    data: DataOpt = "digits",
+    model: ModelOpt = "efficientnet_lite0",
+    weights: WeightsOpt = None,
+    head: HeadOpt = "mlp",
+    epochs: EpochsOpt = 10,
+    batch_size: BatchOpt = 32,
+    lr: LrOpt = 1e-3,
+    backbone_lr_mult: MultOpt = 0.1,
+    image_size: SizeOpt = "auto",
+    val_fraction: ValOpt = 0.2,
+    device: DeviceOpt = "auto",
+    precision: PrecisionOpt = "auto",
+    channels_last: ChannelsOpt = True,
+    compile: CompileOpt = False,
+    num_workers: WorkersOpt = 2,
+    feature_cache: CacheOpt = "auto",
+    feature_cache_views: ViewsOpt = 4,
+    experiment: ExperimentOpt = DEFAULT_EXPERIMENT,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="List the cells and which would run; train nothing.")] = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Run a study: every strategy x seed x training-set size as nested runs under one parent run (resumable)."""
+    from .sweep import SweepSpec, plan, run_sweep
+
+    with user_errors():
+        strategy_list = _split_list("--strategies", strategies)
+        for s in strategy_list:
+            _choices("strategy", s, STRATEGIES)
+        seed_list = [_parse_int("--seeds", v) for v in _split_list("--seeds", seeds)]
+        sizes = [parse_samples_per_class(v) for v in _split_list("--samples-per-class", samples_per_class)]
+        base = _base_config(
+            strategy=strategy_list[0], data=data, model=model, weights=weights, head=head, epochs=epochs,
+            batch_size=batch_size, lr=lr, backbone_lr_mult=backbone_lr_mult, seed=seed_list[0],
+            image_size=image_size, val_fraction=val_fraction, samples_per_class=None, train_fraction=1.0,
+            device=device, precision=precision, channels_last=channels_last, compile=compile,
+            num_workers=num_workers, feature_cache=feature_cache, feature_cache_views=feature_cache_views,
+            experiment=experiment, run_name=None)
+        spec = SweepSpec(base=base, strategies=tuple(strategy_list), seeds=tuple(seed_list),
+                         samples_per_class=tuple(sizes)).validate()
+        from rich.console import Console
+
+        console = Console(stderr=True)
+        if dry_run:
+            _print_plan(plan(spec))
+            return
+        result = run_sweep(spec, reporter=_reporter(quiet, prefix="  "),
+                           on_cell=lambda cell, n, eta: console.print(_cell_line(cell, n, eta), soft_wrap=True))
+        _print_plan(result.cells, title=f"sweep finished (parent run {result.parent_run_id})")
+        Console().print(f"Compare: `tlexp compare --experiment {experiment}`  |  UI: `mlflow ui`", soft_wrap=True)
+        if result.failed:
+            typer.secho(f"Error: {len(result.failed)} cell(s) failed; their runs hold the traceback. Re-run the "
+                        f"same command to retry only those.", err=True, fg=typer.colors.RED)
+            raise typer.Exit(1)
+
+
+def _parse_int(option: str, value: str) -> int:
+    try:
+        return int(value)
+    except ValueError:
+        raise ConfigError(f"{option} takes integers, got {value!r}.") from None
+
+
+def _cell_line(cell, n: int, eta: float | None) -> str:
+    size = "all" if cell.config.samples_per_class is None else cell.config.samples_per_class
+    left = f", about {_duration(eta)} left" if eta is not None else ""
+    return (f"[bold]cell {cell.index}/{n}[/bold]: {cell.config.strategy}, seed {cell.config.seed}, "
+            f"{size} per class ({cell.action}{left})")
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
+
+
+def _print_plan(cells: list, title: str = "sweep plan") -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title)
+    for col in ("cell", "strategy", "seed", "per class", "action", "status", "run"):
+        table.add_column(col, no_wrap=True)
+    for c in cells:
+        size = "all" if c.config.samples_per_class is None else str(c.config.samples_per_class)
+        table.add_row(str(c.index), c.config.strategy, str(c.config.seed), size, c.action, c.status,
+                      (c.run_id or "")[:12])
+    console = Console()
+    console.print(table)
+    skipped = sum(c.action == "skip" for c in cells)
+    if all(c.status == "PENDING" for c in cells if c.action != "skip"):
+        console.print(f"{len(cells)} cells: {skipped} already finished, {len(cells) - skipped} to run.")
+    else:
+        counts = {s: sum(c.status == s for c in cells if c.action != "skip") for s in ("FINISHED", "FAILED")}
+        console.print(f"{len(cells)} cells: {counts['FINISHED']} trained now, {skipped} skipped (finished "
+                      f"before), {counts['FAILED']} failed.")
+
+
+def _reporter(quiet: bool, prefix: str = ""):
     from .console import RichReporter, SilentReporter
 
-    return SilentReporter() if quiet else RichReporter()
+    return SilentReporter() if quiet else RichReporter(prefix=prefix)
 
 
 def _print_summaries(summaries: list) -> None:

@@ -74,9 +74,9 @@ class RichReporter:
             self._progress.stop()
             self._progress = None
         self.console.print(
-            f"{self.prefix}epoch {epoch:>3}/{epochs}  train loss {metrics['train_loss']:.4f} "
-            f"acc {metrics['train_acc']:.2%}  |  val loss {metrics['val_loss']:.4f} acc {metrics['val_acc']:.2%}"
-            f"  |  {metrics['epoch_time_s']:.1f}s")
+            f"{self.prefix}epoch {epoch}/{epochs}  train loss {metrics['train_loss']:.3f} "
+            f"acc {metrics['train_acc']:.1%} | val loss {metrics['val_loss']:.3f} acc {metrics['val_acc']:.1%}"
+            f" | {metrics['epoch_time_s']:.1f}s", soft_wrap=True)
 
     def done(self) -> None:
         if self._progress is not None:

@@ -86,6 +86,19 @@ def prepare(config: TrainConfig, *, reporter: Reporter | None = None, data: Imag
     return Prepared(config=config, data=data, splits=splits, model=model, settings=settings, param_groups=groups)
 
 
+def preflight(configs: list[TrainConfig], *, reporter: Reporter | None = None) -> None:
+    """Check the store and prepare every config (data, weights, sizes) without training; raises like ``prepare``.
+
+    Several strategies trained in a row must not fail on the second one's weights after the first has
+    trained for an hour. Each run prepares again (seeding its own init), so results do not change.
+    """
+    from . import tracking
+
+    for config in configs:
+        tracking.check_store(experiment=config.experiment)
+        prepare(config, reporter=reporter)
+
+
 def _cache_dir(config: TrainConfig) -> str:
     from .config import cache_root
 
@@ -133,20 +146,20 @@ def run_params(prep: Prepared) -> dict[str, Any]:
 
 def train(config: TrainConfig, *, reporter: Reporter | None = None, data: ImageData | None = None,
           parent_run_id: str | None = None, resume_run_id: str | None = None,
-          prepared: Prepared | None = None) -> RunSummary:
+          prepared: Prepared | None = None, extra_tags: dict[str, str] | None = None) -> RunSummary:
     """Train one strategy as one MLflow run and return its summary."""
     from . import tracking
 
     reporter = reporter or SilentReporter()
     checkpoint = None
+    tracking.check_store(experiment=None if resume_run_id else config.experiment)
     if resume_run_id is not None:
-        run = tracking.run_exists(resume_run_id)
+        run = tracking.resumable_run(resume_run_id)
         checkpoint = tracking.load_checkpoint(resume_run_id)
         config = TrainConfig.from_params(run.data.params)
-    tracking.check_store()
     prep = prepared or prepare(config, reporter=reporter, data=data)
     cfg = prep.config
-    tags = {"strategy": cfg.strategy, "model": cfg.model, "dataset": cfg.dataset_name}
+    tags = {"strategy": cfg.strategy, "model": cfg.model, "dataset": cfg.dataset_name, **(extra_tags or {})}
     start_epoch = int(checkpoint["epoch"]) if checkpoint else 0
     with tracking.training_run(experiment=cfg.experiment, run_name=cfg.run_name or cfg.default_run_name(),
                                tags=tags, parent_run_id=parent_run_id, resume_run_id=resume_run_id,
@@ -199,8 +212,8 @@ def _fit(prep: Prepared, logger: Any, reporter: Reporter, checkpoint: dict | Non
         reporter.stage(f"computing frozen-backbone features once ({cfg.feature_cache_views} augmented views)")
         t0 = time.perf_counter()
         cached = _cached_features(prep, train_preset)
-        logger.log_metrics({"feature_cache_time_s": time.perf_counter() - t0}, step=0)
-        if checkpoint is None:
+        if checkpoint is None:  # a resumed run logged it already (nothing is logged twice)
+            logger.log_metrics({"feature_cache_time_s": time.perf_counter() - t0}, step=0)
             torch.manual_seed(cfg.seed + 1)  # dropout stream independent of how features were computed
 
     run_start = time.perf_counter()
@@ -229,16 +242,19 @@ def _fit(prep: Prepared, logger: Any, reporter: Reporter, checkpoint: dict | Non
         row = {"epoch": epoch, "train_loss": tr["loss"], "train_acc": tr["acc"], "val_loss": va["loss"],
                "val_acc": va["acc"], "epoch_time_s": time.perf_counter() - t0,
                "lr": optimizer.param_groups[-1]["lr"], "train_samples_per_s": tr["samples_per_s"]}
-        history.append(row)
-        logger.log_metrics({k: row[k] for k in EPOCH_METRICS}, step=epoch)
-        reporter.epoch_end(epoch, cfg.epochs, row)
-        if va["acc"] > best["acc"]:
-            best = {"acc": va["acc"], "epoch": epoch, "state": _cpu_state(model)}
-        logger.keep_checkpoint({
-            "epoch": epoch, "model": _cpu_state(model), "optimizer": optimizer.state_dict(),
-            "shuffle_gen": shuffle_gen.get_state(), "augment_gen": augment_gen.get_state(),
-            "torch_rng": torch.get_rng_state(), "history": history, "best_acc": best["acc"],
-            "best_epoch": best["epoch"], "best_state": best["state"]})
+        # Ctrl-C/SIGTERM inside waits until metrics and checkpoint agree, so --resume repeats no epoch.
+        with logger.atomic():
+            history.append(row)
+            logger.log_metrics({k: row[k] for k in EPOCH_METRICS}, step=epoch)
+            reporter.epoch_end(epoch, cfg.epochs, row)
+            if va["acc"] > best["acc"]:
+                best = {"acc": va["acc"], "epoch": epoch, "state": _cpu_state(model)}
+            # Copies: the next epoch updates the optimizer's moments in place before the checkpoint is saved.
+            logger.keep_checkpoint({
+                "epoch": epoch, "model": _cpu_state(model), "optimizer": _cpu_copy(optimizer.state_dict()),
+                "shuffle_gen": shuffle_gen.get_state(), "augment_gen": augment_gen.get_state(),
+                "torch_rng": torch.get_rng_state(), "history": [dict(h) for h in history],
+                "best_acc": best["acc"], "best_epoch": best["epoch"], "best_state": best["state"]})
     reporter.done()
     train_time = time.perf_counter() - run_start
 
@@ -272,6 +288,17 @@ def _cached_features(prep: Prepared, preset: TrainPreset) -> dict[str, torch.Ten
 
 def _cpu_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+
+
+def _cpu_copy(obj: Any) -> Any:
+    """A deep copy with every tensor copied to the CPU (an optimizer's state_dict holds live tensors)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: _cpu_copy(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_cpu_copy(v) for v in obj)
+    return obj
 
 
 def _final_eval(prep: Prepared, cached: dict | None, split: str) -> dict[str, Any]:

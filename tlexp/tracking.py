@@ -27,6 +27,8 @@ from typing import Any, Iterator
 TAG_EXPERIMENT = "tlexp.experiment"
 TAG_KIND = "tlexp.kind"
 TAG_ERROR = "tlexp.error"
+TAG_SWEEP = "tlexp.sweep_id"
+TAG_CELL = "tlexp.cell_id"
 CHECKPOINT_ARTIFACT = "checkpoint/last.pt"
 
 
@@ -35,7 +37,16 @@ class TrackingError(RuntimeError):
 
 
 class Interrupted(KeyboardInterrupt):
-    """SIGTERM, delivered as an exception so that runs end KILLED and save their checkpoint."""
+    """Ctrl-C or SIGTERM as an exception, so that runs end KILLED and save their checkpoint.
+
+    Once the run is closed it carries ``run_id`` and ``epoch`` (the last completed epoch,
+    saved as the checkpoint; None when none had completed) for the message to the user.
+    """
+
+    def __init__(self, message: str = "interrupted", *, signum: int = signal.SIGINT, run_id: str | None = None,
+                 epoch: int | None = None) -> None:
+        super().__init__(message)
+        self.signum, self.run_id, self.epoch = int(signum), run_id, epoch
 
 
 def tracking_uri() -> str:
@@ -44,8 +55,11 @@ def tracking_uri() -> str:
     return mlflow.get_tracking_uri()
 
 
-def check_store(uri: str | None = None) -> str:
-    """Fail fast, before any training, if the tracking store cannot be reached or written."""
+def check_store(uri: str | None = None, *, experiment: str | None = None) -> str:
+    """Fail fast, before any training, if the tracking store cannot be reached or written.
+
+    With ``experiment``, a local artifact folder the run would write to is checked too.
+    """
     import mlflow
     from mlflow.tracking import MlflowClient
 
@@ -61,12 +75,63 @@ def check_store(uri: str | None = None) -> str:
             raise TrackingError(f"Tracking store {uri!r} is not writable; set MLFLOW_TRACKING_URI to a "
                                 f"writable location (e.g. sqlite:///$HOME/mlflow.db).")
     try:
-        with _schema_lock(uri):
-            MlflowClient(uri).search_experiments(max_results=1)
+        # A server that is down must fail in seconds: MLflow's default retries take minutes.
+        with _schema_lock(uri), _quick_http():
+            client = MlflowClient(uri)
+            client.search_experiments(max_results=1)
+            found = client.get_experiment_by_name(experiment) if experiment else None
     except Exception as exc:
+        hint = ("set MLFLOW_TRACKING_URI to a writable location (e.g. sqlite:///$HOME/mlflow.db)"
+                if uri.startswith("sqlite:") else "start the server or set MLFLOW_TRACKING_URI")
         raise TrackingError(f"Tracking store {uri!r} is not reachable ({type(exc).__name__}: "
-                            f"{_first_line(exc)}); start the server or set MLFLOW_TRACKING_URI.") from exc
+                            f"{_first_line(exc)}); {hint}.") from exc
+    if experiment:
+        _check_artifact_folder(found.artifact_location if found is not None else _default_artifact_root(uri),
+                               experiment)
     return uri
+
+
+@contextlib.contextmanager
+def _quick_http() -> Iterator[None]:
+    """At most one retry and a 10 s timeout for MLflow's HTTP requests inside the block."""
+    settings = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+    saved = {k: os.environ.get(k) for k in settings}
+    os.environ.update({k: v for k, v in settings.items() if saved[k] is None})  # the user's own values win
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+
+
+def _default_artifact_root(uri: str) -> str | None:
+    """Where a new experiment's artifacts go: MLflow's default for a database store is ./mlruns."""
+    if uri.startswith(("http:", "https:", "databricks")):
+        return None  # the server decides
+    if uri.startswith("file:") or "://" not in uri:
+        return uri  # a file store keeps artifacts inside itself
+    return os.path.abspath("mlruns")
+
+
+def _check_artifact_folder(location: str | None, experiment: str) -> None:
+    """A local artifact folder must be (or be creatable as) a writable folder."""
+    from urllib.parse import urlparse
+
+    if not location:
+        return
+    parsed = urlparse(location)
+    if parsed.scheme not in ("", "file") and not (len(parsed.scheme) == 1 and os.name == "nt"):
+        return  # s3:, mlflow-artifacts:, ...: only the server or the cloud can tell
+    path = parsed.path if parsed.scheme == "file" else location
+    probe = os.path.abspath(path)
+    while not os.path.exists(probe) and os.path.dirname(probe) != probe:
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe) or not os.access(probe, os.W_OK | os.X_OK):
+        raise TrackingError(f"Artifacts of experiment {experiment!r} go to {path!r}, but {probe!r} is not a "
+                            f"writable folder; make it writable, run from a writable folder, or use another "
+                            f"--experiment or MLFLOW_TRACKING_URI.")
 
 
 def _same_number(a: str, b: str) -> bool:
@@ -192,6 +257,11 @@ class RunLogger:
                                      pip_requirements=_model_requirements(), metadata={"class_names": class_names})
 
     # -- checkpoints ---------------------------------------------------------
+    def atomic(self) -> contextlib.AbstractContextManager:
+        """An epoch's metrics and checkpoint as one step: Ctrl-C/SIGTERM inside waits for the block's end,
+        so a resumed run neither repeats nor skips an epoch."""
+        return signals_deferred()
+
     def keep_checkpoint(self, state: dict[str, Any]) -> None:
         """Remember the last completed epoch's state; it is written only if the run does not finish."""
         self._checkpoint = state
@@ -238,66 +308,116 @@ def _active(run_id: str) -> Iterator[None]:
         fluent._active_run_stack.get().pop()  # type: ignore[attr-defined]
 
 
+_DEFER = {"depth": 0, "pending": None}  # signals that arrived while deferred (main thread only)
+
+
+@contextlib.contextmanager
+def signals_deferred(*, raise_pending: bool = True) -> Iterator[None]:
+    """Ctrl-C/SIGTERM that arrive inside the block take effect at its end (or, without
+    ``raise_pending``, are dropped: the run is being closed anyway)."""
+    _DEFER["depth"] += 1
+    try:
+        yield
+    finally:
+        _DEFER["depth"] -= 1
+        pending = _DEFER["pending"]
+        if _DEFER["depth"] == 0 and pending is not None:
+            _DEFER["pending"] = None
+            if raise_pending:
+                raise Interrupted(f"received {signal.Signals(pending).name}", signum=pending)
+
+
 @contextlib.contextmanager
 def sigterm_as_interrupt() -> Iterator[None]:
-    """Within the block, SIGTERM raises ``Interrupted`` (like Ctrl-C) in the main thread."""
+    """Within the block, SIGINT and SIGTERM raise ``Interrupted`` in the main thread (or, inside
+    ``signals_deferred``, at its end). A signal the parent process ignores stays ignored."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
 
     def handler(signum: int, frame: Any) -> None:
-        raise Interrupted(f"received signal {signum}")
+        if _DEFER["depth"]:
+            _DEFER["pending"] = signum
+            return
+        raise Interrupted(f"received {signal.Signals(signum).name}", signum=signum)
 
-    previous = signal.signal(signal.SIGTERM, handler)
+    previous = {}
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        if signal.getsignal(signum) is not signal.SIG_IGN:
+            previous[signum] = signal.signal(signum, handler)
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for signum, old in previous.items():
+            signal.signal(signum, old)
 
 
 @contextlib.contextmanager
 def training_run(*, experiment: str, run_name: str, tags: dict[str, str], parent_run_id: str | None = None,
                  resume_run_id: str | None = None, start_step: int = 0) -> Iterator[RunLogger]:
     """Open (or attach to, or resume) a run, and always close it FINISHED, FAILED or KILLED."""
+    with sigterm_as_interrupt():
+        with _opened_run(experiment=experiment, run_name=run_name, tags=tags, parent_run_id=parent_run_id,
+                         resume_run_id=resume_run_id, start_step=start_step) as logger:
+            yield logger
+
+
+@contextlib.contextmanager
+def _opened_run(*, experiment: str, run_name: str, tags: dict[str, str], parent_run_id: str | None,
+                resume_run_id: str | None, start_step: int) -> Iterator[RunLogger]:
     from mlflow.entities import RunStatus
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient()
     env_run = os.environ.get("MLFLOW_RUN_ID")
     all_tags = {TAG_EXPERIMENT: experiment, TAG_KIND: "train", **tags}
-    if resume_run_id is not None:
-        run_id = resume_run_id
-        client.update_run(run_id, status="RUNNING")
-    elif parent_run_id is None and env_run:
-        # `mlflow run` created this run (in the experiment it chose); log into it.
-        run_id = env_run
-        client.update_run(run_id, status="RUNNING", name=run_name)
-    else:
-        if parent_run_id is not None:
-            exp_id = client.get_run(parent_run_id).info.experiment_id
-            all_tags["mlflow.parentRunId"] = parent_run_id
+    with signals_deferred():  # a run is never left RUNNING by a signal during its creation
+        if resume_run_id is not None:
+            run_id = resume_run_id
+            client.update_run(run_id, status="RUNNING")
+            with contextlib.suppress(Exception):  # the interruption is over; its message would mislead
+                client.delete_tag(run_id, TAG_ERROR)
+            all_tags["tlexp.resumed_after_epoch"] = str(start_step)
+        elif parent_run_id is None and env_run:
+            # `mlflow run` created this run (in the experiment it chose); log into it.
+            run_id = env_run
+            client.update_run(run_id, status="RUNNING", name=run_name)
         else:
-            exp_id = experiment_id(experiment)
-        run_id = client.create_run(exp_id, run_name=run_name, tags=all_tags).info.run_id
-    logger = RunLogger(run_id, start_step=start_step)
-    logger.set_tags(all_tags)
+            if parent_run_id is not None:
+                exp_id = client.get_run(parent_run_id).info.experiment_id
+                all_tags["mlflow.parentRunId"] = parent_run_id
+            else:
+                exp_id = experiment_id(experiment)
+            run_id = client.create_run(exp_id, run_name=run_name, tags=all_tags).info.run_id
+        logger = RunLogger(run_id, start_step=start_step)
+        logger.set_tags(all_tags)
     status = RunStatus.to_string(RunStatus.FINISHED)
     try:
-        with sigterm_as_interrupt():
-            yield logger
-    except KeyboardInterrupt:
+        yield logger
+    except KeyboardInterrupt as exc:
         status = RunStatus.to_string(RunStatus.KILLED)
-        _close_abnormally(logger, status, "interrupted (Ctrl-C or SIGTERM)", None)
-        raise
+        with signals_deferred(raise_pending=False):  # a second Ctrl-C must not cut the checkpoint short
+            # Without a new epoch, a resumed run still has the checkpoint it was resumed from.
+            epoch = _close_abnormally(logger, status, "interrupted (Ctrl-C or SIGTERM)", None) or start_step or None
+            with contextlib.suppress(Exception):
+                _finish(client, run_id, status)
+        raise Interrupted(str(exc) or "interrupted", signum=getattr(exc, "signum", signal.SIGINT),
+                          run_id=run_id, epoch=epoch) from None
     except BaseException as exc:
         status = RunStatus.to_string(RunStatus.FAILED)
-        _close_abnormally(logger, status, f"{type(exc).__name__}: {_first_line(exc)}", traceback.format_exc())
+        with signals_deferred(raise_pending=False):
+            _close_abnormally(logger, status, f"{type(exc).__name__}: {_first_line(exc)}", traceback.format_exc())
+            with contextlib.suppress(Exception):  # a broken store must not hide the original error
+                _finish(client, run_id, status)
+        with contextlib.suppress(Exception):
+            exc.tlexp_run_id = run_id  # type: ignore[attr-defined]  # for the user's error message
         raise
-    finally:
+    with signals_deferred(raise_pending=False):
         _finish(client, run_id, status)
 
 
-def _close_abnormally(logger: RunLogger, status: str, message: str, trace: str | None) -> None:
+def _close_abnormally(logger: RunLogger, status: str, message: str, trace: str | None) -> int | None:
+    """Tag the error, save the traceback and the last checkpoint; return the checkpoint's epoch."""
     # Best effort: a broken store must not hide the original error.
     with contextlib.suppress(Exception):
         logger.set_tags({TAG_ERROR: message[:5000]})
@@ -305,7 +425,9 @@ def _close_abnormally(logger: RunLogger, status: str, message: str, trace: str |
         with contextlib.suppress(Exception):
             logger.log_text(trace, "error/traceback.txt")
     with contextlib.suppress(Exception):
-        logger.save_checkpoint()
+        if logger.save_checkpoint():
+            return int(logger._checkpoint["epoch"])  # type: ignore[index]
+    return None
 
 
 def _finish(client: Any, run_id: str, status: str) -> None:
@@ -328,6 +450,19 @@ def run_exists(run_id: str) -> Any:
                             f"pass the id of a tlexp run (see `mlflow ui` or `tlexp compare`).") from exc
 
 
+def resumable_run(run_id: str) -> Any:
+    """The run ``run_id`` if it ended KILLED or FAILED (so ``--resume`` cannot log an epoch twice)."""
+    run = run_exists(run_id)
+    status = run.info.status
+    if status == "FINISHED":
+        raise TrackingError(f"Run {run_id} is FINISHED; only KILLED or FAILED runs can be resumed "
+                            f"(start a new run instead).")
+    if status not in ("KILLED", "FAILED"):
+        raise TrackingError(f"Run {run_id} is {status}: it is still training, or its process died without "
+                            f"saving a checkpoint; only KILLED or FAILED runs can be resumed.")
+    return run
+
+
 def load_checkpoint(run_id: str) -> dict[str, Any]:
     """Download and load the checkpoint a KILLED/FAILED run saved."""
     import torch
@@ -346,3 +481,67 @@ def to_json(data: Any) -> str:
     buf = io.StringIO()
     json.dump(data, buf, indent=2, default=str)
     return buf.getvalue()
+
+
+def _all_experiment_ids(client: Any) -> list[str]:
+    from mlflow.entities import ViewType
+
+    return [e.experiment_id for e in client.search_experiments(view_type=ViewType.ACTIVE_ONLY)]
+
+
+def sweep_children(experiment: str, sweep_id: str) -> dict[str, list[tuple[str, str]]]:
+    """cell id -> [(status, run id)] of the training runs an earlier run of this sweep left."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    ids = _all_experiment_ids(client)
+    out: dict[str, list[tuple[str, str]]] = {}
+    if not ids:
+        return out
+    runs = client.search_runs(ids, filter_string=f"tags.`{TAG_SWEEP}` = '{sweep_id}' and "
+                                                 f"tags.`{TAG_KIND}` = 'train' and "
+                                                 f"tags.`{TAG_EXPERIMENT}` = '{experiment}'",
+                              max_results=50000)
+    for run in runs:
+        out.setdefault(run.data.tags.get(TAG_CELL, ""), []).append((run.info.status, run.info.run_id))
+    return out
+
+
+@contextlib.contextmanager
+def sweep_run(*, experiment: str, sweep_id: str, params: dict[str, Any]) -> Iterator[RunLogger]:
+    """The sweep's parent run: reopened if this sweep ran before, else created (or `mlflow run`'s own)."""
+    from mlflow.entities import RunStatus
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    tags = {TAG_EXPERIMENT: experiment, TAG_KIND: "sweep", TAG_SWEEP: sweep_id}
+    env_run = os.environ.get("MLFLOW_RUN_ID")
+    if env_run:
+        run_id = env_run
+    else:
+        exp_id = experiment_id(experiment)
+        previous = client.search_runs([exp_id], filter_string=f"tags.`{TAG_SWEEP}` = '{sweep_id}' and "
+                                                              f"tags.`{TAG_KIND}` = 'sweep'",
+                                      order_by=["attributes.start_time DESC"], max_results=1)
+        if previous:
+            run_id = previous[0].info.run_id
+        else:
+            run_id = client.create_run(exp_id, run_name=f"sweep-{sweep_id[:8]}", tags=tags).info.run_id
+    client.update_run(run_id, status="RUNNING")
+    logger = RunLogger(run_id)
+    logger.set_tags(tags)
+    logger.log_params(params)
+    status = RunStatus.to_string(RunStatus.FINISHED)
+    try:
+        with sigterm_as_interrupt():
+            yield logger
+    except KeyboardInterrupt:
+        status = RunStatus.to_string(RunStatus.KILLED)
+        raise
+    except BaseException as exc:
+        status = RunStatus.to_string(RunStatus.FAILED)
+        with contextlib.suppress(Exception):
+            logger.set_tags({TAG_ERROR: f"{type(exc).__name__}: {_first_line(exc)}"})
+        raise
+    finally:
+        _finish(client, run_id, status)

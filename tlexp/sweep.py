@@ -1,0 +1,190 @@
+"""A whole study -- strategies x seeds x training-set sizes -- as one parent run with nested children.
+
+Each child is an ordinary ``tlexp train`` run (same logging contract), so
+``tlexp compare`` and the MLflow UI's compare view work on them. The sweep is
+resumable: a cell whose settings already have a FINISHED child of the same
+sweep is skipped; FAILED, KILLED and missing cells run again.
+
+Work that does not depend on the strategy is done once: cells are ordered
+seed -> size -> strategy, the decoded dataset is memoised for the process
+(``data.load_data``) and so are the frozen backbone's features
+(``features.feature_store``), which every ``transfer`` cell of a seed shares.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from .config import ConfigError, TrainConfig
+
+# Settings that make two runs "the same cell"; run names, devices and cache paths do not.
+_NOT_IDENTITY = {"run_name", "device", "num_workers", "cache_dir", "experiment", "eval_batch_size", "compile"}
+
+
+@dataclass(frozen=True)
+class SweepSpec:
+    base: TrainConfig
+    strategies: tuple[str, ...]
+    seeds: tuple[int, ...]
+    samples_per_class: tuple[int | None, ...]  # None = the whole train split
+
+    def validate(self) -> "SweepSpec":
+        if not self.strategies:
+            raise ConfigError("--strategies is empty; give one or more of scratch, transfer, finetune.")
+        if not self.seeds:
+            raise ConfigError("--seeds is empty; give one or more integers, e.g. 0,1,2.")
+        if not self.samples_per_class:
+            raise ConfigError("--samples-per-class is empty; give sizes such as 5,20,all.")
+        for name, values in (("strategies", self.strategies), ("seeds", self.seeds),
+                             ("samples-per-class", self.samples_per_class)):
+            if len(set(values)) != len(values):
+                raise ConfigError(f"--{name} lists a value twice: {','.join(map(str, values))}.")
+        for cfg in self.cells():
+            cfg.validate()
+        return self
+
+    def cells(self) -> list[TrainConfig]:
+        """Every cell's config, ordered so strategy-independent work is reused (seed, size, strategy)."""
+        out = []
+        for seed in self.seeds:
+            for n in self.samples_per_class:
+                for strategy in self.strategies:
+                    cfg = self.base.replace(strategy=strategy, seed=seed, samples_per_class=n, run_name=None)
+                    out.append(cfg.resolve())
+        return out
+
+    def sweep_id(self) -> str:
+        """Stable id of this study: the base settings and the grid."""
+        base = {k: v for k, v in self.base.resolve().to_params().items()
+                if k not in _NOT_IDENTITY | {"strategy", "seed", "samples_per_class", "weights"}}
+        grid = {"strategies": list(self.strategies), "seeds": list(self.seeds),
+                "samples_per_class": ["all" if n is None else n for n in self.samples_per_class]}
+        return _digest({"base": base, "grid": grid})
+
+    def grid_params(self) -> dict[str, str]:
+        return {"sweep_strategies": ",".join(self.strategies), "sweep_seeds": ",".join(map(str, self.seeds)),
+                "sweep_samples_per_class": ",".join("all" if n is None else str(n) for n in self.samples_per_class),
+                "sweep_cells": str(len(self.strategies) * len(self.seeds) * len(self.samples_per_class))}
+
+
+def cell_id(cfg: TrainConfig) -> str:
+    """Hash of the settings that define a cell's result."""
+    return _digest({k: v for k, v in cfg.to_params().items() if k not in _NOT_IDENTITY})
+
+
+def _digest(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
+
+
+@dataclass
+class Cell:
+    index: int
+    config: TrainConfig
+    cell_id: str
+    action: str  # "skip" (a FINISHED child exists) | "run" (missing) | "rerun" (only FAILED/KILLED/RUNNING)
+    run_id: str | None = None
+    status: str = "PENDING"
+    seconds: float = 0.0
+
+
+@dataclass
+class SweepResult:
+    parent_run_id: str | None
+    cells: list[Cell] = field(default_factory=list)
+
+    @property
+    def failed(self) -> list[Cell]:
+        return [c for c in self.cells if c.status == "FAILED"]
+
+
+def plan(spec: SweepSpec) -> list[Cell]:
+    """The cells and what a run of the sweep would do with each (reads the store, writes nothing)."""
+    from . import tracking
+
+    existing = tracking.sweep_children(spec.base.experiment, spec.sweep_id())
+    cells = []
+    for i, cfg in enumerate(spec.cells(), 1):
+        cid = cell_id(cfg)
+        statuses = existing.get(cid, [])
+        if any(status == "FINISHED" for status, _ in statuses):
+            run_id = next(r for status, r in statuses if status == "FINISHED")
+            cells.append(Cell(i, cfg, cid, "skip", run_id=run_id, status="FINISHED"))
+        else:
+            cells.append(Cell(i, cfg, cid, "rerun" if statuses else "run"))
+    return cells
+
+
+def preflight(spec: SweepSpec, reporter: Any = None) -> None:
+    """Fail before any training: every cell's data subset and one model per strategy must be buildable."""
+    from .experiment import prepare
+
+    seen = set()
+    for cfg in spec.cells():
+        # The largest size per seed and one model per strategy cover every check prepare() makes.
+        key = (cfg.strategy, cfg.seed) if cfg.samples_per_class is None else (cfg.strategy, cfg.seed,
+                                                                              cfg.samples_per_class)
+        if key in seen:
+            continue
+        seen.add(key)
+        prepare(cfg, reporter=reporter)
+
+
+def run_sweep(spec: SweepSpec, *, reporter: Any = None,
+              on_cell: Callable[[Cell, int, float | None], None] | None = None) -> SweepResult:
+    """Run every cell that has no FINISHED child yet, as nested runs under one parent."""
+    from . import tracking
+    from .experiment import train
+
+    spec.validate()
+    tracking.check_store()
+    preflight(spec, reporter=None)
+    cells = plan(spec)
+    todo = [c for c in cells if c.action != "skip"]
+    result = SweepResult(parent_run_id=None, cells=cells)
+    with tracking.sweep_run(experiment=spec.base.experiment, sweep_id=spec.sweep_id(),
+                            params={**spec.base.resolve().to_params(), **spec.grid_params()}) as parent:
+        result.parent_run_id = parent.run_id
+        done_seconds: list[float] = []
+        for k, cell in enumerate(todo, 1):
+            eta = (sum(done_seconds) / len(done_seconds)) * (len(todo) - k + 1) if done_seconds else None
+            if on_cell is not None:
+                on_cell(cell, len(cells), eta)
+            t0 = time.perf_counter()
+            cell.status = "RUNNING"
+            try:
+                summary = train(cell.config, reporter=reporter, parent_run_id=parent.run_id,
+                                extra_tags={tracking.TAG_SWEEP: spec.sweep_id(), tracking.TAG_CELL: cell.cell_id})
+                cell.run_id, cell.status = summary.run_id, "FINISHED"
+            except KeyboardInterrupt:
+                cell.status = "KILLED"
+                raise
+            except Exception as exc:  # noqa: BLE001 - one broken cell must not lose the rest of the study
+                # User mistakes were caught by preflight(); this is a fault. The child run is FAILED
+                # with its traceback as an artifact; the sweep goes on and reports it at the end.
+                cell.status = "FAILED"
+                if reporter is not None:
+                    reporter.stage(f"cell {cell.index} failed: {type(exc).__name__}: {exc}")
+            finally:
+                cell.seconds = time.perf_counter() - t0
+                done_seconds.append(cell.seconds)
+                parent.log_metrics({"cells_finished": sum(c.status == "FINISHED" for c in cells),
+                                    "cells_failed": sum(c.status == "FAILED" for c in cells)},
+                                   step=k, synchronous=False)
+        parent.log_text(_cells_csv(cells), "sweep_cells.csv")
+        if result.failed:
+            parent.set_tags({tracking.TAG_ERROR: f"{len(result.failed)} of {len(cells)} cells failed"})
+    return result
+
+
+def _cells_csv(cells: list[Cell]) -> str:
+    import pandas as pd
+
+    rows = [{"cell": c.index, "strategy": c.config.strategy, "seed": c.config.seed,
+             "samples_per_class": "all" if c.config.samples_per_class is None else c.config.samples_per_class,
+             "action": c.action, "status": c.status, "run_id": c.run_id or "", "seconds": round(c.seconds, 2)}
+            for c in cells]
+    return pd.DataFrame(rows).to_csv(index=False)
