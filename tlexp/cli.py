@@ -273,6 +273,30 @@ def sweep(
             raise typer.Exit(1)
 
 
+@app.command()
+def compare(
+    experiment: ExperimentOpt = DEFAULT_EXPERIMENT,
+    output: Annotated[Optional[str], typer.Option("--output", "-o", help="Report folder (default "
+                                                  "reports/<experiment>/).")] = None,
+    format: Annotated[str, typer.Option("--format", help="Table formats to write, comma-separated: "
+                                                         "md, csv, html (charts are always written).")] = "md,csv,html",
+    log: Annotated[bool, typer.Option("--log/--no-log", help="Also log the report to the experiment as a "
+                                                             "'comparison' run.")] = True,
+    tracking_uri: Annotated[Optional[str], typer.Option(help="Tracking store (default: MLFLOW_TRACKING_URI "
+                                                             "or ./mlflow.db).")] = None,
+) -> None:
+    """Compare the strategies of an experiment from the tracking store alone: table, charts, findings."""
+    from .compare import run_compare
+
+    with user_errors():
+        result = run_compare(experiment, output=output, formats=format, tracking_uri=tracking_uri,
+                             log_to_mlflow=log)
+        from rich.console import Console
+
+        Console().print(f"Report: {result.output_dir / 'report.html'}  ({len(result.files)} files in "
+                        f"{result.output_dir})", soft_wrap=True)
+
+
 def _parse_int(option: str, value: str) -> int:
     try:
         return int(value)

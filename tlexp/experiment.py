@@ -329,6 +329,8 @@ def _summary_metrics(history: list[dict[str, float]], best: dict, model: Classif
 def _log_results(logger: Any, prep: Prepared, history: list[dict[str, float]], results: dict[str, Any]) -> None:
     import pandas as pd
 
+    from .plots import confusion_figure
+
     logger.log_text(pd.DataFrame(history).to_csv(index=False), "history.csv")
     classes = prep.data.classes
     for split, res in results.items():
@@ -337,7 +339,7 @@ def _log_results(logger: Any, prep: Prepared, history: list[dict[str, float]], r
             "class": classes, "support": cm.sum(1).tolist(), "correct": cm.diag().tolist(),
             "accuracy": (cm.diag().float() / cm.sum(1).clamp(min=1).float()).tolist()})
         logger.log_text(per_class.to_csv(index=False), f"eval/per_class_accuracy_{split}.csv")
-        logger.log_figure(_confusion_figure(cm.numpy(), classes, title=f"Confusion matrix ({split})"),
+        logger.log_figure(confusion_figure(cm.numpy(), classes, title=f"Confusion matrix ({split})"),
                           f"eval/confusion_matrix_{split}.png")
     logger.log_dict({"classes": classes}, "model_classes.json")
     model = copy.deepcopy(prep.model).to("cpu").to(memory_format=torch.contiguous_format).eval()
@@ -345,26 +347,3 @@ def _log_results(logger: Any, prep: Prepared, history: list[dict[str, float]], r
     example = (prep.data.images[prep.splits.val[:2]].float() / 255.0).numpy()
     logger.log_model(model, input_example=example, class_names=classes)
 
-
-def _confusion_figure(cm: Any, classes: list[str], *, title: str) -> Any:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    n = len(classes)
-    size = min(12.0, 2.0 + 0.45 * n)
-    fig, ax = plt.subplots(figsize=(size, size))
-    ax.imshow(cm, cmap="Blues")
-    ax.set(xticks=range(n), yticks=range(n), xlabel="Predicted class", ylabel="True class", title=title)
-    if n <= 30:
-        ax.set_xticklabels(classes, rotation=45, ha="right")
-        ax.set_yticklabels(classes)
-        top = cm.max() if cm.size else 0
-        for i in range(n):
-            for j in range(n):
-                ax.text(j, i, int(cm[i, j]), ha="center", va="center",
-                        color="white" if cm[i, j] > top / 2 else "black", fontsize=8)
-    fig.tight_layout()
-    plt.close(fig)
-    return fig
