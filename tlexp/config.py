@@ -101,7 +101,8 @@ class TrainConfig:
         for f in dataclasses.fields(cls):
             if f.name not in params:
                 continue
-            raw = params[f.name]
+            # Under `mlflow run` the MLproject's raw value (image_size=auto) is kept and tlexp's is <key>_resolved.
+            raw = params.get(f"{f.name}_resolved", params[f.name])
             kwargs[f.name] = _parse_field(f, raw)
         return cls(**kwargs)
 

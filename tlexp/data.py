@@ -74,6 +74,11 @@ class Splits:
                 "test_size": 0 if self.test is None else len(self.test)}
 
 
+def clear_memory() -> None:
+    """Forget the decoded datasets this process holds (the on-disk cache stays): the next load reads it again."""
+    _MEMO.clear()
+
+
 # ------------------------------------------------------------------ loading
 def load_data(source: str, *, image_size: int, cache_dir: str | None = None, num_workers: int = 2,
               progress: "callable | None" = None) -> ImageData:
@@ -89,6 +94,10 @@ def load_data(source: str, *, image_size: int, cache_dir: str | None = None, num
         return _decode_files("flowers102", root, files, origin, labels, classes, image_size=image_size,
                              cache_dir=cache_dir, num_workers=num_workers, progress=progress)
     root = os.path.abspath(os.path.expanduser(source))
+    if not os.path.exists(root):
+        raise DataError(f"--data {source!r} is neither a built-in dataset (digits, flowers102) nor an existing "
+                        f"directory ({root} does not exist); pass one of those names or the path to an ImageFolder "
+                        f"tree (one sub-folder of images per class).")
     files, origin, labels, classes, skipped = _scan_image_folder(root)
     data = _decode_files(os.path.basename(root), root, files, origin, labels, classes, image_size=image_size,
                          cache_dir=cache_dir, num_workers=num_workers, progress=progress, pre_skipped=skipped)
@@ -173,8 +182,12 @@ def _flowers102_files(cache_dir: str | None) -> tuple[list[str], list[str], list
         try:
             ds = Flowers102(root=root, split=name, download=True)
         except Exception as exc:
-            raise DataError(f"Flowers102 could not be downloaded to {root!r} ({type(exc).__name__}: {exc}); "
-                            f"connect to the internet once, or use --data digits or --data PATH to your own images.") from exc
+            reason = (str(exc).strip().splitlines() or [""])[0][:200]
+            raise DataError(f"Flowers102 is not in the cache {os.path.join(root, 'flowers-102')!r} and could not be "
+                            f"downloaded ({type(exc).__name__}: {reason}); connect to the internet once, or copy "
+                            f"jpg/ (from 102flowers.tgz), imagelabels.mat and setid.mat from "
+                            f"https://www.robots.ox.ac.uk/~vgg/data/flowers/102/ there, or use --data digits or "
+                            f"--data PATH to your own images.") from exc
         for path, label in zip(ds._image_files, ds._labels):
             files.append(os.path.relpath(str(path), root))
             origin.append(split)
@@ -262,11 +275,12 @@ def _read_cache(base: str) -> tuple[torch.Tensor, dict] | None:
     try:
         with open(base + ".json") as fh:
             meta = json.load(fh)
-        arr = np.load(base + ".npy", mmap_mode="r")
+        # Read once, straight into memory (training indexes it randomly, every epoch): one buffer the
+        # size of the pixels, not a memory map plus a copy of it.
+        arr = np.load(base + ".npy")
     except (OSError, ValueError):
         return None
-    # Read once into memory: training indexes it randomly, every epoch.
-    return torch.from_numpy(np.array(arr)), meta
+    return torch.from_numpy(arr), meta
 
 
 def _write_cache(base: str, images: torch.Tensor, meta: dict) -> None:
@@ -395,60 +409,73 @@ class TrainPreset:
         return self.apply(batch, params)
 
     def apply(self, batch: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tensor:
-        dev = batch.device
-        p = {k: v.to(dev) for k, v in params.items()}
-        x = batch.float().div_(255.0)  # (B, 3, H, W) in [0, 1]
-        x = torch.where(p["flip"].view(-1, 1, 1, 1), x.flip(-1), x)
-        x = rotate(x, p["angle"])
-        x = _blend(x, torch.zeros_like(x), p["brightness"])
-        x = _blend(x, _grayscale(x).mean(dim=(-3, -2, -1), keepdim=True), p["contrast"])
-        x = _blend(x, _grayscale(x), p["saturation"])
-        return adjust_hue(x, p["hue"])
+        """uint8 (B, 3, H, W) -> float (B, 3, H, W) in [0, 1], contiguous; ``params`` from ``sample_params``.
+
+        Written for memory traffic (the CPU spends as long here as in a small model's step otherwise):
+        flip and rotation are one gather on the uint8 pixels, the colour ops work in place.
+        """
+        # non_blocking: a plain host-to-GPU copy would wait for the GPU to finish its queue every batch.
+        p = {k: v.to(batch.device, non_blocking=True) for k, v in params.items()}
+        x = flip_rotate(batch, p["flip"], p["angle"])
+        col = lambda v: v.view(-1, 1, 1, 1).to(torch.float32)  # noqa: E731  per-image factor, (B, 1, 1, 1)
+        # Brightness: blend with black = scale, fused with uint8 -> [0, 1] floats.
+        x = (x * col(p["brightness"] / 255.0)).clamp_(0, 1)
+        # Contrast: blend with the mean grey level of the image (mean of grey = grey of the channel means).
+        means = x.mean(dim=(-2, -1))  # (B, 3)
+        grey_mean = (0.2989 * means[:, 0] + 0.587 * means[:, 1] + 0.114 * means[:, 2]).view(-1, 1, 1, 1)
+        c = col(p["contrast"])
+        x.mul_(c).add_((1 - c) * grey_mean).clamp_(0, 1)
+        # Saturation: blend with the image's own grey version.
+        s = col(p["saturation"])
+        grey = _grayscale(x).mul_(1 - s)  # before x changes in place
+        x.mul_(s).add_(grey).clamp_(0, 1)
+        return adjust_hue_(x, p["hue"])
 
 
-def rotate(x: torch.Tensor, angle_deg: torch.Tensor) -> torch.Tensor:
-    """Rotate each image about its centre (counter-clockwise degrees, nearest, fill 0) as v2.functional.rotate."""
-    theta = torch.deg2rad(angle_deg.to(x.dtype))
+def flip_rotate(batch: torch.Tensor, flip: torch.Tensor, angle_deg: torch.Tensor) -> torch.Tensor:
+    """Flip (where ``flip``) then rotate each image about its centre, as v2.functional.horizontal_flip then
+    rotate (counter-clockwise degrees, nearest, fill 0): one gather of source pixels, any dtype and layout.
+    Returns a contiguous (B, C, H, W) tensor of ``batch``'s dtype.
+    """
+    b, c, h, w = batch.shape
+    theta = torch.deg2rad(angle_deg.to(device=batch.device, dtype=torch.float32))
     cos, sin = torch.cos(theta), torch.sin(theta)
     zero = torch.zeros_like(cos)
-    h, w = x.shape[-2:]
     # affine_grid works in normalised coordinates; the aspect-ratio terms keep non-square images undistorted.
     mat = torch.stack([torch.stack([cos, -sin * h / w, zero], -1), torch.stack([sin * w / h, cos, zero], -1)], 1)
-    grid = F.affine_grid(mat, list(x.shape), align_corners=False)
-    return F.grid_sample(x, grid, mode="nearest", padding_mode="zeros", align_corners=False)
-
-
-def _blend(a: torch.Tensor, b: torch.Tensor, ratio: torch.Tensor) -> torch.Tensor:
-    r = ratio.view(-1, 1, 1, 1).to(a.dtype)
-    return (r * a + (1 - r) * b).clamp_(0, 1)
+    grid = F.affine_grid(mat, [b, 1, h, w], align_corners=False)  # (B, H, W, 2): source x, y in [-1, 1]
+    # grid_sample's nearest lookup (align_corners=False): unnormalise, round half to even.
+    ix = torch.round(((grid[..., 0] + 1) * w - 1) / 2)
+    iy = torch.round(((grid[..., 1] + 1) * h - 1) / 2)
+    inside = (ix >= 0) & (ix <= w - 1) & (iy >= 0) & (iy <= h - 1)
+    ix = torch.where(flip.view(-1, 1, 1), (w - 1) - ix, ix)  # sampling the flipped image = mirrored column
+    src = torch.where(inside, iy.long() * w + ix.long(), 0).view(b, 1, h * w)
+    out = torch.gather(batch.flatten(2), 2, src.expand(b, c, h * w))  # (B, C, H*W)
+    out.mul_(inside.view(b, 1, h * w).to(out.dtype))  # fill 0 outside the source image
+    return out.view(b, c, h, w)
 
 
 def _grayscale(x: torch.Tensor) -> torch.Tensor:
     r, g, b = x.unbind(-3)
-    return (0.2989 * r + 0.587 * g + 0.114 * b).unsqueeze(-3)
+    return (0.2989 * r).add_(g, alpha=0.587).add_(b, alpha=0.114).unsqueeze(-3)
 
 
-def adjust_hue(x: torch.Tensor, hue_factor: torch.Tensor) -> torch.Tensor:
-    """Shift hue per image by ``hue_factor`` in [-0.5, 0.5] (torchvision's RGB->HSV->RGB round trip)."""
+def adjust_hue_(x: torch.Tensor, hue_factor: torch.Tensor) -> torch.Tensor:
+    """Shift hue per image by ``hue_factor`` in [-0.5, 0.5], in place (torchvision's RGB->HSV->RGB round trip)."""
     r, g, b = x.unbind(-3)
-    maxc, _ = x.max(dim=-3)
-    minc, _ = x.min(dim=-3)
-    eqc = maxc == minc
-    cr = maxc - minc
-    ones = torch.ones_like(maxc)
-    s = cr / torch.where(eqc, ones, maxc)
-    cr_div = torch.where(eqc, ones, cr)
-    rc, gc, bc = (maxc - r) / cr_div, (maxc - g) / cr_div, (maxc - b) / cr_div
-    hr = (maxc == r) * (bc - gc)
-    hg = ((maxc == g) & (maxc != r)) * (2.0 + rc - bc)
-    hb = ((maxc != g) & (maxc != r)) * (4.0 + gc - rc)
-    h = torch.fmod((hr + hg + hb) / 6.0 + 1.0, 1.0)
-    h = torch.remainder(h + hue_factor.view(-1, 1, 1).to(h.dtype), 1.0)
+    maxc, minc = x.amax(dim=-3), x.amin(dim=-3)
+    cr = maxc - minc  # chroma; also v * s, the HSV -> RGB amplitude
+    grey = cr == 0
+    # Hue in sixths of a turn, as torchvision's hr/hg/hb selection: red is max, else green is max, else blue.
+    h6 = torch.where(maxc == r, g - b, torch.where(maxc == g, (b - r).add_(cr, alpha=2), (r - g).add_(cr, alpha=4)))
+    h6 = torch.where(grey, 0.0, h6.div_(torch.where(grey, 1.0, cr)))
+    h6 = h6.div_(6.0).add_(hue_factor.view(-1, 1, 1).to(h6.dtype)).remainder_(1.0).mul_(6.0)
     # HSV -> RGB in closed form, channel c = v - v*s*clamp(min(k, 4-k), 0, 1) with k = (n_c + 6h) mod 6:
     # the same values as torchvision's six-way select, at a fraction of the memory traffic.
-    vs = (maxc * s).unsqueeze(-3)
-    k = torch.remainder(torch.tensor([5.0, 3.0, 1.0], device=x.device, dtype=h.dtype).view(3, 1, 1) + 6.0 * h.unsqueeze(-3), 6.0)
-    return maxc.unsqueeze(-3) - vs * torch.minimum(k, 4.0 - k).clamp_(0.0, 1.0)
+    for channel, n in ((r, 5.0), (g, 3.0), (b, 1.0)):
+        k = (h6 + n).remainder_(6.0)
+        torch.sub(maxc, torch.minimum(k, 4.0 - k).clamp_(0.0, 1.0).mul_(cr), out=channel)
+    return x
 
 
 def v2_reference(image: torch.Tensor, params: dict[str, float]) -> torch.Tensor:

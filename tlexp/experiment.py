@@ -187,9 +187,9 @@ def _fit(prep: Prepared, logger: Any, reporter: Reporter, checkpoint: dict | Non
     shuffle_gen = torch.Generator().manual_seed(cfg.seed)
     augment_gen = torch.Generator().manual_seed(cfg.seed + 10_000)
     train_preset, eval_preset = TrainPreset(), EvalPreset()
-    images = data.images
-    if settings.device.type == "cuda":
-        images = images.pin_memory()
+    settings.configure()
+    # The plain path cuts its batches from the decoded uint8 images, on the GPU when they fit there.
+    images = data.images if use_feature_cache(cfg) else settings.stage(data.images)
     labels = data.labels
     step_model = torch.compile(model) if cfg.compile else model
 
@@ -212,6 +212,7 @@ def _fit(prep: Prepared, logger: Any, reporter: Reporter, checkpoint: dict | Non
         reporter.stage(f"computing frozen-backbone features once ({cfg.feature_cache_views} augmented views)")
         t0 = time.perf_counter()
         cached = _cached_features(prep, train_preset)
+        settings.synchronize()  # so that the time below is the features' time, not only their launch
         if checkpoint is None:  # a resumed run logged it already (nothing is logged twice)
             logger.log_metrics({"feature_cache_time_s": time.perf_counter() - t0}, step=0)
             torch.manual_seed(cfg.seed + 1)  # dropout stream independent of how features were computed

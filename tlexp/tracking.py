@@ -85,6 +85,9 @@ def check_store(uri: str | None = None, *, experiment: str | None = None) -> str
                 if uri.startswith("sqlite:") else "start the server or set MLFLOW_TRACKING_URI")
         raise TrackingError(f"Tracking store {uri!r} is not reachable ({type(exc).__name__}: "
                             f"{_first_line(exc)}); {hint}.") from exc
+    if found is not None and found.lifecycle_stage != "active":
+        raise TrackingError(f"Experiment {experiment!r} is deleted in {uri!r}; restore it (`mlflow experiments "
+                            f"restore --experiment-id {found.experiment_id}`) or pass another --experiment.")
     if experiment:
         _check_artifact_folder(found.artifact_location if found is not None else _default_artifact_root(uri),
                                experiment)
@@ -168,6 +171,21 @@ def _schema_lock(uri: str) -> Iterator[None]:
         os.close(fd)  # closing the descriptor releases the lock
 
 
+def retry_locked(fn: Any, *args: Any, attempts: int = 8, **kwargs: Any) -> Any:
+    """Call ``fn``, retrying with backoff while SQLite answers 'database is locked'.
+
+    Several processes writing one SQLite file queue for its single write lock; a
+    transaction that timed out waiting did not commit, so calling again is safe.
+    """
+    for attempt in range(attempts):
+        try:
+            return fn(*args, **kwargs)
+        except Exception as exc:
+            if "database is locked" not in str(exc) or attempt == attempts - 1:
+                raise
+            time.sleep(min(5.0, 0.1 * 2 ** attempt))
+
+
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return text[0][:200] if text else ""
@@ -183,7 +201,7 @@ def experiment_id(name: str) -> str:
     if found is not None:
         return found.experiment_id
     try:
-        return client.create_experiment(name)
+        return retry_locked(client.create_experiment, name)
     except MlflowException:  # another process created it first
         found = client.get_experiment_by_name(name)
         if found is None:
@@ -201,6 +219,7 @@ class RunLogger:
         self.client = MlflowClient()
         self._checkpoint: dict[str, Any] | None = None
         self.start_step = start_step
+        self._queued: list[tuple[Any, list[Any]]] = []  # (RunOperations, metrics) not yet confirmed written
 
     # -- params, tags, metrics -------------------------------------------------
     def log_params(self, params: dict[str, Any]) -> None:
@@ -219,12 +238,12 @@ class RunLogger:
                 values[f"{key}_resolved"] = value
         items = [Param(k, v) for k, v in values.items()]
         for i in range(0, len(items), 100):  # MLflow caps a batch at 100 params
-            self.client.log_batch(self.run_id, params=items[i:i + 100])
+            retry_locked(self.client.log_batch, self.run_id, params=items[i:i + 100])
 
     def set_tags(self, tags: dict[str, Any]) -> None:
         from mlflow.entities import RunTag
 
-        self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+        retry_locked(self.client.log_batch, self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
     def log_metrics(self, metrics: dict[str, float], *, step: int, synchronous: bool = False) -> None:
         """All metrics of one step in one batched call, by default queued off the training thread."""
@@ -232,7 +251,21 @@ class RunLogger:
 
         now = int(time.time() * 1000)
         batch = [Metric(k, float(v), now, step) for k, v in metrics.items()]
-        self.client.log_batch(self.run_id, metrics=batch, synchronous=synchronous)
+        if synchronous:
+            retry_locked(self.client.log_batch, self.run_id, metrics=batch, synchronous=True)
+        else:
+            self._queued.append((self.client.log_batch(self.run_id, metrics=batch, synchronous=False), batch))
+
+    def flush(self) -> None:
+        """Wait for the queued metrics. MLflow's background writer only logs its failures (e.g. SQLite's
+        'database is locked' with several processes on one file), so a failed batch is written again here."""
+        queued, self._queued = self._queued, []
+        for operations, batch in queued:
+            try:
+                if operations is not None:
+                    operations.wait()
+            except Exception:
+                retry_locked(self.client.log_batch, self.run_id, metrics=batch, synchronous=True)
 
     # -- artifacts -----------------------------------------------------------
     def log_text(self, text: str, path: str) -> None:
@@ -312,19 +345,27 @@ _DEFER = {"depth": 0, "pending": None}  # signals that arrived while deferred (m
 
 
 @contextlib.contextmanager
-def signals_deferred(*, raise_pending: bool = True) -> Iterator[None]:
-    """Ctrl-C/SIGTERM that arrive inside the block take effect at its end (or, without
-    ``raise_pending``, are dropped: the run is being closed anyway)."""
+def signals_deferred(*, pending: str = "raise") -> Iterator[None]:
+    """Ctrl-C/SIGTERM that arrive inside the block wait for its end; then the signal is raised
+    (``pending="raise"``), dropped ("drop": the caller is ending the run anyway) or kept for
+    ``raise_pending()`` ("keep"). A second signal while one waits acts at once."""
     _DEFER["depth"] += 1
     try:
         yield
     finally:
         _DEFER["depth"] -= 1
-        pending = _DEFER["pending"]
-        if _DEFER["depth"] == 0 and pending is not None:
+        if _DEFER["depth"] == 0 and pending != "keep":
+            if pending == "raise":
+                raise_pending()
             _DEFER["pending"] = None
-            if raise_pending:
-                raise Interrupted(f"received {signal.Signals(pending).name}", signum=pending)
+
+
+def raise_pending() -> None:
+    """Raise ``Interrupted`` now for a signal that arrived while deferred."""
+    signum = _DEFER["pending"]
+    if signum is not None and _DEFER["depth"] == 0:
+        _DEFER["pending"] = None
+        raise Interrupted(f"received {signal.Signals(signum).name}", signum=signum)
 
 
 @contextlib.contextmanager
@@ -336,7 +377,7 @@ def sigterm_as_interrupt() -> Iterator[None]:
         return
 
     def handler(signum: int, frame: Any) -> None:
-        if _DEFER["depth"]:
+        if _DEFER["depth"] and _DEFER["pending"] is None:
             _DEFER["pending"] = signum
             return
         raise Interrupted(f"received {signal.Signals(signum).name}", signum=signum)
@@ -371,7 +412,8 @@ def _opened_run(*, experiment: str, run_name: str, tags: dict[str, str], parent_
     client = MlflowClient()
     env_run = os.environ.get("MLFLOW_RUN_ID")
     all_tags = {TAG_EXPERIMENT: experiment, TAG_KIND: "train", **tags}
-    with signals_deferred():  # a run is never left RUNNING by a signal during its creation
+    # A signal while the run is created waits for the try below: the run is never left RUNNING.
+    with signals_deferred(pending="keep"):
         if resume_run_id is not None:
             run_id = resume_run_id
             client.update_run(run_id, status="RUNNING")
@@ -388,15 +430,17 @@ def _opened_run(*, experiment: str, run_name: str, tags: dict[str, str], parent_
                 all_tags["mlflow.parentRunId"] = parent_run_id
             else:
                 exp_id = experiment_id(experiment)
-            run_id = client.create_run(exp_id, run_name=run_name, tags=all_tags).info.run_id
+            run_id = retry_locked(client.create_run, exp_id, run_name=run_name, tags=all_tags).info.run_id
         logger = RunLogger(run_id, start_step=start_step)
         logger.set_tags(all_tags)
     status = RunStatus.to_string(RunStatus.FINISHED)
     try:
+        raise_pending()
         yield logger
+        logger.flush()  # FINISHED only once every metric is in the store
     except KeyboardInterrupt as exc:
         status = RunStatus.to_string(RunStatus.KILLED)
-        with signals_deferred(raise_pending=False):  # a second Ctrl-C must not cut the checkpoint short
+        with signals_deferred(pending="drop"):  # one more Ctrl-C does not cut the checkpoint short
             # Without a new epoch, a resumed run still has the checkpoint it was resumed from.
             epoch = _close_abnormally(logger, status, "interrupted (Ctrl-C or SIGTERM)", None) or start_step or None
             with contextlib.suppress(Exception):
@@ -405,20 +449,22 @@ def _opened_run(*, experiment: str, run_name: str, tags: dict[str, str], parent_
                           run_id=run_id, epoch=epoch) from None
     except BaseException as exc:
         status = RunStatus.to_string(RunStatus.FAILED)
-        with signals_deferred(raise_pending=False):
+        with signals_deferred(pending="drop"):
             _close_abnormally(logger, status, f"{type(exc).__name__}: {_first_line(exc)}", traceback.format_exc())
             with contextlib.suppress(Exception):  # a broken store must not hide the original error
                 _finish(client, run_id, status)
         with contextlib.suppress(Exception):
             exc.tlexp_run_id = run_id  # type: ignore[attr-defined]  # for the user's error message
         raise
-    with signals_deferred(raise_pending=False):
+    with signals_deferred():  # the run ends FINISHED; a signal meanwhile then stops the caller
         _finish(client, run_id, status)
 
 
 def _close_abnormally(logger: RunLogger, status: str, message: str, trace: str | None) -> int | None:
     """Tag the error, save the traceback and the last checkpoint; return the checkpoint's epoch."""
     # Best effort: a broken store must not hide the original error.
+    with contextlib.suppress(Exception):
+        logger.flush()
     with contextlib.suppress(Exception):
         logger.set_tags({TAG_ERROR: message[:5000]})
     if trace:
@@ -435,7 +481,7 @@ def _finish(client: Any, run_id: str, status: str) -> None:
 
     with contextlib.suppress(Exception):
         mlflow.flush_async_logging()
-    client.set_terminated(run_id, status=status)
+    retry_locked(client.set_terminated, run_id, status=status)
 
 
 def run_exists(run_id: str) -> Any:
