@@ -99,3 +99,16 @@ def test_bad_grid_value_is_one_line_and_trains_nothing(tracking_uri):
     assert result.exit_code == 2
     assert "--seeds takes integers, got 'x'" in result.output
     assert _runs("sweep") == []
+
+
+def test_time_left_uses_cells_of_the_same_strategy_and_size(tmp_path):
+    from tlexp.sweep import Cell, estimate_seconds_left
+
+    cells = [Cell(i, cfg, "", "run") for i, cfg in enumerate(_spec(tmp_path, samples_per_class=(2, None)).cells())]
+    # order: (2, scratch), (2, finetune), (all, scratch), (all, finetune)
+    for cell, seconds in zip(cells, (1.0, 2.0, 10.0, 20.0)):
+        cell.seconds = seconds
+    assert estimate_seconds_left([], cells) is None
+    assert estimate_seconds_left(cells[:1], cells[1:]) == 3.0  # nothing like them yet: the overall mean
+    assert estimate_seconds_left(cells, cells) == 33.0
+    assert estimate_seconds_left(cells[:3], cells[3:]) == 2.0  # finetune's mean so far

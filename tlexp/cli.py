@@ -29,7 +29,7 @@ def _root() -> None:
 
 
 @contextmanager
-def user_errors() -> Iterator[None]:
+def user_errors(*, sweep: bool = False) -> Iterator[None]:
     """Turn the errors a user can cause into one line on stderr and exit code 2."""
     from .data import DataError
     from .models import WeightsError
@@ -48,7 +48,11 @@ def user_errors() -> Iterator[None]:
         typer.secho(f"Error: {' '.join(str(exc).split(chr(10)))}", err=True, fg=typer.colors.RED)
         raise typer.Exit(EXIT_USAGE) from None
     except KeyboardInterrupt as exc:
-        typer.secho(interrupted_message(exc), err=True, fg=typer.colors.YELLOW)
+        message = interrupted_message(exc)
+        if sweep:
+            message += (" The sweep's finished cells are kept: re-run the same `tlexp sweep` command to run "
+                        "only the cells that are left.")
+        typer.secho(message, err=True, fg=typer.colors.YELLOW)
         raise typer.Exit(128 + getattr(exc, "signum", 2)) from None
     except torch_oom_types() as exc:
         first = (str(exc).strip().splitlines() or [""])[0][:160]
@@ -242,7 +246,7 @@ def sweep(
     """Run a study: every strategy x seed x training-set size as nested runs under one parent run (resumable)."""
     from .sweep import SweepSpec, plan, run_sweep
 
-    with user_errors():
+    with user_errors(sweep=True):
         strategy_list = _split_list("--strategies", strategies)
         for s in strategy_list:
             _choices("strategy", s, STRATEGIES)

@@ -148,9 +148,9 @@ def run_sweep(spec: SweepSpec, *, reporter: Any = None,
     with tracking.sweep_run(experiment=spec.base.experiment, sweep_id=spec.sweep_id(),
                             params={**spec.base.resolve().to_params(), **spec.grid_params()}) as parent:
         result.parent_run_id = parent.run_id
-        done_seconds: list[float] = []
+        done: list[Cell] = []
         for k, cell in enumerate(todo, 1):
-            eta = (sum(done_seconds) / len(done_seconds)) * (len(todo) - k + 1) if done_seconds else None
+            eta = estimate_seconds_left(done, todo[k - 1:])
             if on_cell is not None:
                 on_cell(cell, len(cells), eta)
             t0 = time.perf_counter()
@@ -170,7 +170,7 @@ def run_sweep(spec: SweepSpec, *, reporter: Any = None,
                     reporter.stage(f"cell {cell.index} failed: {type(exc).__name__}: {exc}")
             finally:
                 cell.seconds = time.perf_counter() - t0
-                done_seconds.append(cell.seconds)
+                done.append(cell)
                 parent.log_metrics({"cells_finished": sum(c.status == "FINISHED" for c in cells),
                                     "cells_failed": sum(c.status == "FAILED" for c in cells)},
                                    step=k, synchronous=False)
@@ -178,6 +178,23 @@ def run_sweep(spec: SweepSpec, *, reporter: Any = None,
         if result.failed:
             parent.set_tags({tracking.TAG_ERROR: f"{len(result.failed)} of {len(cells)} cells failed"})
     return result
+
+
+def estimate_seconds_left(done: list[Cell], remaining: list[Cell]) -> float | None:
+    """Time left: each remaining cell costs what finished cells of the same strategy and size cost
+    (cells differ tenfold between 5 images per class and all of them), else the same strategy's mean,
+    else the mean of all finished cells."""
+    if not done:
+        return None
+    mean = lambda cells: sum(c.seconds for c in cells) / len(cells)  # noqa: E731
+    total = 0.0
+    for cell in remaining:
+        cfg = cell.config
+        same = [c for c in done if (c.config.strategy, c.config.samples_per_class) == (cfg.strategy,
+                                                                                      cfg.samples_per_class)]
+        same_strategy = [c for c in done if c.config.strategy == cfg.strategy]
+        total += mean(same or same_strategy or done)
+    return total
 
 
 def _cells_csv(cells: list[Cell]) -> str:
