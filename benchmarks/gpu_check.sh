@@ -25,6 +25,7 @@ PY=${PYTHON:-python3}
 DEVICE=${DEVICE:-cuda}
 DATA=${DATA:-.gpu_data/hymenoptera}
 BENCH_ARGS=${BENCH_ARGS:---finetune --seed-epochs 3 --scratch-epochs 5}
+ACCURACY_ARGS=${ACCURACY_ARGS:---cache-accuracy 1,2,3}
 LOG="$OUT/log.txt"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 MPLBACKEND=Agg GIT_PYTHON_REFRESH=quiet
 export TLEXP_CACHE_DIR=/tmp/tlexp-gpu-cache MLFLOW_TRACKING_URI=sqlite:////tmp/tlexp-gpu-check.db
@@ -42,23 +43,24 @@ print('torch', torch.__version__, 'torchvision', torchvision.__version__, 'timm'
 'mlflow', mlflow.__version__, 'cuda', torch.cuda.is_available())" 2>&1 | tee -a "$LOG"
 
 step "1. tlexp train on digits, --device $DEVICE"
-timeout 120 "$PY" -m tlexp train --data digits --strategy scratch,transfer --epochs 3 --device "$DEVICE" \
+timeout 80 "$PY" -m tlexp train --data digits --strategy scratch,transfer --epochs 2 --device "$DEVICE" \
   --experiment gpu-check -q 2>&1 | grep -v "INFO mlflow" | tee -a "$LOG"
 echo "exit ${PIPESTATUS[0]}" | tee -a "$LOG"
 
 step "2. benchmark on $DATA"
 # shellcheck disable=SC2086
-timeout 240 "$PY" -m tlexp.bench --device "$DEVICE" --data "$DATA" $BENCH_ARGS --json "$OUT/gpu.json" 2>&1 \
+timeout 200 "$PY" -m tlexp.bench --device "$DEVICE" --data "$DATA" $BENCH_ARGS --json "$OUT/gpu.json" 2>&1 \
   | grep -v "INFO mlflow" | tee -a "$LOG"
 echo "exit ${PIPESTATUS[0]}" | tee -a "$LOG"
 
 step "3. feature cache on vs off: transfer, 3 seeds"
-timeout 150 "$PY" -m tlexp.bench --device "$DEVICE" --data "$DATA" --cache-accuracy 1,2,3 \
+# shellcheck disable=SC2086
+timeout 75 "$PY" -m tlexp.bench --device "$DEVICE" --data "$DATA" $ACCURACY_ARGS \
   --json "$OUT/cache_accuracy.json" 2>&1 | tee -a "$LOG"
 echo "exit ${PIPESTATUS[0]}" | tee -a "$LOG"
 
 step "4. model only, torch.compile vs eager"
-timeout 150 "$PY" - "$DEVICE" "$DATA" <<'EOF' 2>&1 | grep -v "^W[0-9]" | tee -a "$LOG"
+timeout 45 "$PY" - "$DEVICE" "$DATA" <<'EOF' 2>&1 | grep -v "^W[0-9]" | tee -a "$LOG"
 import sys, tempfile
 from tlexp.bench import _config, run_model_only
 from tlexp.data import load_data

@@ -183,3 +183,23 @@ def test_batches_stay_where_the_images_are_and_keep_labels_aligned():
     for x, y in seen:
         assert torch.equal(x[:, 0, 0, 0].long() * 10, y)
     assert sorted(torch.cat([y for _, y in seen]).tolist()) == [10, 30, 40, 90]
+
+
+# ------------------------------------------------------------------ the benchmark's seed loop
+@pytest.mark.parametrize("layout", [{"train": {"a": 4, "b": 3}, "val": {"a": 2, "b": 2}}, {"": {"a": 6, "b": 5}}])
+def test_benchmark_seed_loop_reads_exactly_tlexps_splits(tmp_path, layout):
+    from helpers import make_image_tree
+    from tlexp.bench import _seed_loaders
+    from tlexp.data import make_splits
+
+    root = make_image_tree(tmp_path / "imgs", layout)
+    data = load_data(str(root), image_size=8, cache_dir=str(tmp_path / "c"))
+    splits = make_splits(data, val_fraction=0.3, seed=0)
+    train, val = _seed_loaders(str(root), data, splits, image_size=8, batch_size=4, mean=(0.5,) * 3,
+                               std=(0.5,) * 3, num_workers=0, pin_memory=False)
+    for loader, index in ((train, splits.train), (val, splits.val)):
+        subset = loader.dataset
+        seen = [os.path.relpath(subset.dataset.samples[i][0], root) for i in subset.indices]
+        assert sorted(seen) == sorted(data.paths[i] for i in index.tolist())
+        assert [subset.dataset.samples[i][1] for i in subset.indices] == [
+            int(data.labels[data.paths.index(p)]) for p in seen]

@@ -78,6 +78,11 @@ def test_transfer_run_keeps_the_pretrained_body(tracking_uri, tmp_path):
     run = _only_run(MlflowClient())
     assert run.data.metrics["trainable_fraction"] < 0.5
     assert run.data.params["feature_cache_used"] == "True"
+    # The one-off feature computation is part of transfer's cost: it lands in the first epoch's time.
+    epoch_times = MlflowClient().get_metric_history(run.info.run_id, "epoch_time_s")
+    first = next(m.value for m in epoch_times if m.step == 1)
+    assert first >= run.data.metrics["feature_cache_time_s"] > 0
+    assert run.data.metrics["total_time_s"] == pytest.approx(sum(m.value for m in epoch_times))
     model = mlflow.pytorch.load_model(f"runs:/{run.info.run_id}/model")
     saved = torch.load(weights, weights_only=True)
     body = model.body.state_dict()

@@ -218,7 +218,9 @@ def decode_image(path: str, image_size: int) -> np.ndarray:
             img = Image.fromarray(np.clip(arr / top * 255.0, 0, 255).astype(np.uint8))
         if img.mode == "P" and "transparency" in img.info:
             img = img.convert("RGBA")
-        img = img.convert("RGB").resize((image_size, image_size), Image.BILINEAR, reducing_gap=None)
+        if img.mode != "RGB":  # convert() would copy even an RGB image: a full-size buffer for nothing
+            img = img.convert("RGB")
+        img = img.resize((image_size, image_size), Image.BILINEAR, reducing_gap=None)
         return np.asarray(img, dtype=np.uint8).transpose(2, 0, 1)
 
 
@@ -267,7 +269,11 @@ def _decode_all(root: str, files: list[str], image_size: int, *, num_workers: in
     for path, reason in sorted(skipped):
         log.warning("skipped %s: %s", path, reason)
     keep = np.flatnonzero(ok).tolist()
-    images = torch.from_numpy(out[ok] if len(keep) < len(files) else out)
+    # Drop skipped files' rows in place (out[ok] would hold a second copy of every image at the peak).
+    for row, i in enumerate(keep):
+        if row != i:
+            out[row] = out[i]
+    images = torch.from_numpy(out[:len(keep)])
     return images, {"keep": keep, "skipped": sorted(skipped)}
 
 

@@ -46,11 +46,6 @@ class DeviceSettings:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
-    def configure(self) -> None:
-        """Process-wide backend switches for this device: cuDNN picks the fastest kernels for our fixed shapes."""
-        if self.device.type == "cuda":
-            torch.backends.cudnn.benchmark = True
-
     def stage(self, images: torch.Tensor, *, max_fraction: float = 0.25) -> torch.Tensor:
         """Where a run keeps its decoded uint8 images: on the GPU when they fit in ``max_fraction`` of its
         free memory (no host-to-device copy per batch at all), else pinned host memory (asynchronous copies).

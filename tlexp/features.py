@@ -7,7 +7,11 @@ image. The cache therefore holds ``views`` augmented versions of each training
 image (and one clean version of every image for evaluation); each epoch draws
 one of the views per image at random. With views=4 and 15 epochs every view is
 seen ~4 times instead of 15 fresh augmentations -- the trade-off is logged as
-the ``feature_cache_views`` param and measured in the benchmark.
+the ``feature_cache_views`` param and measured by ``python -m tlexp.bench
+--cache-accuracy 1,2,3`` (benchmarks/README.md). Hymenoptera, EfficientNet-Lite0,
+15 epochs, mean of seeds 1-3, cache on vs off: best val 94.8% vs 95.2%, final
+val 93.7% vs 93.9% (2-core CPU, fp32; on an H200 in bf16: 94.3/94.6, 93.5/92.6);
+an epoch takes 0.02 s instead of 14 s there.
 
 The augmentation of image ``i``'s view ``v`` depends only on (seed, v, i), not
 on batch composition, so features are filled lazily for exactly the indices a
