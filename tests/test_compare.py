@@ -578,3 +578,12 @@ def test_tracking_server_histories_come_in_bulk(store, tmp_path, monkeypatch):
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+def test_negative_train_val_gaps_are_not_read_as_better_generalisation():
+    rows = pd.DataFrame({"strategy": ["scratch", "transfer"], "train_val_gap_mean": [-0.18, -0.06]})
+    lines = compare.overfitting_findings(rows)
+    assert not any("generalises best" in line for line in lines)
+    assert any("negative gap" in line for line in lines)
+    positive = compare.overfitting_findings(rows.assign(train_val_gap_mean=[0.02, 0.08]))
+    assert any(line.startswith("scratch generalises best") for line in positive)

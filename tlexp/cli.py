@@ -26,6 +26,9 @@ EXIT_USAGE = 2
 @app.callback()
 def _root() -> None:
     """tlexp: transfer learning vs training from scratch, tracked with MLflow."""
+    # MLflow's INFO lines ("Creating initial MLflow database tables...") drown the progress output;
+    # its warnings stay. A user's own MLFLOW_LOGGING_LEVEL wins.
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
 
 
 @contextmanager
