@@ -105,7 +105,7 @@ def _recorded_draws(monkeypatch, config: TrainConfig) -> list[dict[str, torch.Te
 
     monkeypatch.setattr(experiment, "TrainPreset", Recording)
     prep = experiment.prepare(config)
-    experiment._fit(prep, QuietLogger(), SilentReporter(), None)
+    experiment.fit(prep, QuietLogger(), SilentReporter(), None)
     return draws
 
 
@@ -168,7 +168,7 @@ def test_transfer_leaves_the_frozen_backbone_bit_identical(tmp_path, feature_cac
     body = {k: v.clone() for k, v in prep.model.body.state_dict().items()}
     head = {k: v.clone() for k, v in prep.model.head.state_dict().items()}
     assert any("running_mean" in k for k in body)  # BatchNorm statistics are part of what is checked
-    experiment._fit(prep, QuietLogger(), SilentReporter(), None)
+    experiment.fit(prep, QuietLogger(), SilentReporter(), None)
     after = prep.model.body.state_dict()
     assert all(torch.equal(after[k], v) for k, v in body.items())
     assert not all(torch.equal(prep.model.head.state_dict()[k], v) for k, v in head.items())  # it did train

@@ -61,7 +61,7 @@ def test_children_nest_under_one_parent_and_a_rerun_skips_them(tracking_uri, tmp
 
 def test_an_interrupted_sweep_resumes_without_rerunning_finished_cells(tracking_uri, tmp_path, monkeypatch):
     spec = _spec(tmp_path)
-    real_fit = experiment._fit
+    real_fit = experiment.fit
     calls = []
 
     def fit_that_is_interrupted_in_cell_3(prep, logger, reporter, checkpoint):
@@ -70,7 +70,7 @@ def test_an_interrupted_sweep_resumes_without_rerunning_finished_cells(tracking_
             raise KeyboardInterrupt
         return real_fit(prep, logger, reporter, checkpoint)
 
-    monkeypatch.setattr(experiment, "_fit", fit_that_is_interrupted_in_cell_3)
+    monkeypatch.setattr(experiment, "fit", fit_that_is_interrupted_in_cell_3)
     with pytest.raises(KeyboardInterrupt):
         run_sweep(spec)
     statuses = sorted(r.info.status for r in _runs("train"))

@@ -8,7 +8,7 @@ Everything below runs on the same data, model, image size, batch size and machin
    deliberate difference: the notebook's ``val_dataset.dataset.transform = val_transforms`` also
    switched off the *training* augmentation (both subsets share one dataset); here the seed loop
    augments as the notebook meant to, so that both sides do the same work;
-2. **tlexp** -- the same epochs through tlexp's own code: ``experiment.prepare`` and ``experiment._fit``,
+2. **tlexp** -- the same epochs through tlexp's own code: ``experiment.prepare`` and ``experiment.fit``,
    the loop every ``tlexp train`` runs (decoded once, augmented on batched tensors, frozen-backbone
    features cached for transfer), with tracking off;
 3. **model only** -- the same model, memory format and precision stepping on synthetic tensors already
@@ -282,7 +282,7 @@ def _config(strategy: str, *, data_path: str, model: str, device: str, epochs: i
 @dataclass
 class TlexpRun:
     history: list[dict[str, float]]
-    fit_s: float  # the whole of experiment._fit: feature cache, epochs, final evaluation, result tables
+    fit_s: float  # the whole of experiment.fit: feature cache, epochs, final evaluation, result tables
     loop_s: float  # first epoch start -> last epoch end, logging and checkpoint copies included
     feature_cache_s: float = 0.0
     metrics: dict[str, float] = field(default_factory=dict)
@@ -305,7 +305,7 @@ def run_tlexp(config: Any, data: Any, *, cold: bool = True) -> TlexpRun:
     prep = experiment.prepare(config, data=data)
     logger, clock = QuietLogger(), LoopClock()
     t0 = time.perf_counter()
-    result = experiment._fit(prep, logger, clock, None)
+    result = experiment.fit(prep, logger, clock, None)
     _sync(prep.settings.device)
     fit_s = time.perf_counter() - t0
     return TlexpRun(history=result["history"], fit_s=fit_s, loop_s=clock.loop_s,

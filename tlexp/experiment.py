@@ -170,7 +170,7 @@ def train(config: TrainConfig, *, reporter: Reporter | None = None, data: ImageD
         if checkpoint is None:
             logger.log_params(run_params(prep))
             _log_data_artifacts(logger, prep)
-        summary = _fit(prep, logger, reporter, checkpoint)
+        summary = fit(prep, logger, reporter, checkpoint)
     return RunSummary(run_id=logger.run_id, config=cfg, metrics=summary["metrics"], history=summary["history"])
 
 
@@ -183,7 +183,9 @@ def _log_data_artifacts(logger: Any, prep: Prepared) -> None:
         logger.log_text(skipped.to_csv(index=False), "data/skipped_files.csv")
 
 
-def _fit(prep: Prepared, logger: Any, reporter: Reporter, checkpoint: dict | None) -> dict[str, Any]:
+def fit(prep: Prepared, logger: Any, reporter: Reporter, checkpoint: dict | None) -> dict[str, Any]:
+    """The epochs of one prepared run, then the final evaluation and results, written through ``logger``
+    (a ``tracking.RunLogger`` or any object with its methods: the benchmark passes one that logs nothing)."""
     cfg, model, settings, data, splits = prep.config, prep.model, prep.settings, prep.data, prep.splits
     optimizer = torch.optim.Adam(prep.param_groups, lr=cfg.lr)
     scaler = torch.amp.GradScaler(settings.device.type) if settings.amp_dtype == torch.float16 else None
