@@ -383,7 +383,7 @@ def test_training_on_builtin_data_and_weights_uses_no_network(store, monkeypatch
 
 # ---------------------------------------------------------------- compare
 def test_compare_unknown_experiment_is_one_line(store):
-    line = assert_rejected(_invoke("compare", "--experiment", "nope", "--no-log"), "'nope'", "existing experiments")
+    assert_rejected(_invoke("compare", "--experiment", "nope", "--no-log"), "'nope'", "existing experiments")
     assert _all_runs(store) == [] and not Path("reports").exists()
 
 

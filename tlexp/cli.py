@@ -7,7 +7,6 @@ with one sentence on stderr and exit code 2, never a traceback.
 from __future__ import annotations
 
 import os
-import sys
 from contextlib import contextmanager
 from typing import Annotated, Iterator, Optional
 

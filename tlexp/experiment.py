@@ -17,11 +17,11 @@ import torch
 from . import features as feature_cache
 from .config import ConfigError, TrainConfig
 from .console import Reporter, SilentReporter
-from .data import (DataError, EvalPreset, ImageData, Splits, TrainPreset, load_data, make_splits, split_manifest,
+from .data import (EvalPreset, ImageData, Splits, TrainPreset, load_data, make_splits, split_manifest,
                    subset_train)
 from .engine import (DeviceSettings, confusion_matrix, evaluate, iterate_batches, resolve_device,
                      resolve_precision, train_one_epoch)
-from .models import Classifier, WeightsError, build_model, count_parameters, get_spec
+from .models import Classifier, build_model, count_parameters, get_spec
 from .strategies import apply_strategy, get_strategy
 
 _ANNOUNCED: set[tuple[str, int]] = set()

@@ -229,15 +229,6 @@ _BUILTIN: dict[str, ModelSpec] = {
 }
 
 
-def available_models() -> list[str]:
-    """Names accepted by --model: tlexp's own, torchvision's classification models and timm's."""
-    import timm
-    import torchvision
-
-    return sorted(set(_BUILTIN) | set(torchvision.models.list_models(module=torchvision.models)) |
-                  set(timm.list_models()))
-
-
 def get_spec(name: str) -> ModelSpec:
     """Look a model name up: tlexp built-ins first, then torchvision, then timm."""
     if name in _BUILTIN:

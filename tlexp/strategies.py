@@ -14,8 +14,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from torch import nn
-
 from .models import Classifier
 
 
@@ -57,7 +55,3 @@ def apply_strategy(model: Classifier, strategy: Strategy, *, lr: float,
         ]
     return [{"params": [p for p in model.parameters()], "lr": lr, "name": "all"}]
 
-
-def trainable_module(model: Classifier) -> nn.Module:
-    """The part that receives gradients (the head alone when the body is frozen)."""
-    return model.head if model.body_frozen else model

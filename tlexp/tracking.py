@@ -14,8 +14,6 @@ that ``tlexp compare`` searches for.
 from __future__ import annotations
 
 import contextlib
-import io
-import json
 import os
 import signal
 import tempfile
@@ -523,10 +521,6 @@ def load_checkpoint(run_id: str) -> dict[str, Any]:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def to_json(data: Any) -> str:
-    buf = io.StringIO()
-    json.dump(data, buf, indent=2, default=str)
-    return buf.getvalue()
 
 
 def _all_experiment_ids(client: Any) -> list[str]:
