@@ -118,7 +118,7 @@ def test_bad_data_is_rejected_before_training(case, store, tmp_path):
 OPTION_CASES = {
     "unknown_strategy": (["--strategy", "magic"], ["'magic'", "scratch, transfer, finetune"]),
     "unknown_model": (["--model", "nonet"], ["'nonet'", "resnet50", "tinycnn"]),
-    "unknown_device": (["--device", "tpu"], ["'tpu'", "auto, cpu, cuda, mps"]),
+    "unknown_device": (["--device", "tpu"], ["'tpu'", "'auto', 'cpu', 'cuda', 'mps'"]),
     "epochs_zero": (["--epochs", "0"], ["--epochs", "got 0", "at least 1"]),
     "lr_zero": (["--lr", "0"], ["--lr", "got 0", "greater than 0"]),
     "lr_negative": (["--lr", "-0.1"], ["--lr", "-0.1", "greater than 0"]),

@@ -6,15 +6,50 @@ with one sentence on stderr and exit code 2, never a traceback.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import inspect
 import os
+import sys
 from contextlib import contextmanager
-from typing import Annotated, Iterator, Optional
+from enum import Enum
+from typing import Annotated, Any, Callable, Iterator, Optional
 
 import typer
+from typer.core import TyperGroup
 
-from .config import DEFAULT_EXPERIMENT, DEVICES, HEADS, PRECISIONS, STRATEGIES, ConfigError, TrainConfig
+from .config import (DEFAULT_EXPERIMENT, STRATEGIES, ConfigError, Device, FeatureCache, Head, Precision, Strategy,
+                     TrainConfig, choices)
+
+# Typer's usage errors (BadParameter, NoSuchOption, ...) share this base class; Typer exports only BadParameter.
+_UsageError: type[Exception] = typer.BadParameter.__mro__[1]
+
+
+class OneLineErrors(TyperGroup):
+    """Typer's usage errors (an unknown choice, a malformed number) as one line on stderr and exit code 2,
+    like tlexp's own checks, instead of a usage block and a boxed message."""
+
+    def main(self, *args: Any, standalone_mode: bool = True, **kwargs: Any) -> Any:
+        if not standalone_mode:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        try:
+            result = super().main(*args, standalone_mode=False, **kwargs)
+        except _UsageError as exc:
+            message = exc.format_message()  # type: ignore[attr-defined]
+            if not message.strip() or "\n" in message.strip():  # no arguments: the help text
+                exc.show()  # type: ignore[attr-defined]
+                sys.exit(exc.exit_code)  # type: ignore[attr-defined]
+            message = " ".join(message.replace("Value error, ", "").split())
+            typer.secho(f"Error: {message}", err=True, fg=typer.colors.RED)
+            sys.exit(EXIT_USAGE)
+        except typer.Abort:
+            typer.echo("Aborted!", err=True)
+            sys.exit(1)
+        sys.exit(result if isinstance(result, int) else 0)
+
 
 app = typer.Typer(
+    cls=OneLineErrors,
     help="Should you fine-tune a pretrained model or train from scratch, on your data? "
          "Train each strategy as an MLflow run, then compare.",
     no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
@@ -101,51 +136,81 @@ def parse_image_size(value: str) -> int | None:
         raise ConfigError(f"--image-size must be a whole number of pixels or 'auto', got {value!r}.") from None
 
 
-def _choices(option: str, value: str, allowed: tuple[str, ...]) -> str:
-    if value not in allowed:
-        raise ConfigError(f"Unknown {option} {value!r}; expected one of: {', '.join(allowed)}.")
-    return value
+# ------------------------------------------------------------------ options shared by train and sweep
+# Each TrainConfig field that is a command-line option is declared here once (type, help, choices); the
+# default is the field's own default in TrainConfig unless a command overrides it.
+def _choice_help(text: str, enum: type) -> str:
+    return f"{text} ({' | '.join(choices(enum))})."
 
 
-# Options shared by `train` and `sweep` (one definition each).
-DataOpt = Annotated[str, typer.Option(help="'digits' (built in, offline), 'flowers102', or a path to an ImageFolder "
-                                           "tree (class folders, or train/ val/ [test/]).")]
-ModelOpt = Annotated[str, typer.Option(help="efficientnet_lite0 (offline ImageNet weights), a torchvision model "
-                                            "such as resnet50, or a timm model name.")]
-WeightsOpt = Annotated[Optional[str], typer.Option(help="Local state_dict to use as pretrained weights.")]
-HeadOpt = Annotated[str, typer.Option(help="mlp (the seed's 512-unit head) | linear.")]
-EpochsOpt = Annotated[int, typer.Option(help="Training epochs.")]
-BatchOpt = Annotated[int, typer.Option(help="Training batch size.")]
-LrOpt = Annotated[float, typer.Option(help="Adam learning rate (head; whole net for scratch).")]
-MultOpt = Annotated[float, typer.Option(help="finetune: backbone lr = lr x this.")]
-SizeOpt = Annotated[str, typer.Option(help="Pixels per side, or 'auto' (224 for photos, 64 for digits).")]
-ValOpt = Annotated[float, typer.Option(help="Validation share when the data has no val/ folder.")]
-DeviceOpt = Annotated[str, typer.Option(help="auto | cpu | cuda | mps.")]
-PrecisionOpt = Annotated[str, typer.Option(help="auto (bf16 on CUDA) | bf16 | fp16 | fp32.")]
-ChannelsOpt = Annotated[bool, typer.Option(help="Use the channels_last memory format.")]
-CompileOpt = Annotated[bool, typer.Option("--compile", help="torch.compile the model.")]
-WorkersOpt = Annotated[int, typer.Option(help="Threads that decode images (once, then cached).")]
-CacheOpt = Annotated[str, typer.Option(help="transfer: compute frozen-backbone features once (auto | on | off).")]
-ViewsOpt = Annotated[int, typer.Option(help="Augmented views per image in the feature cache.")]
-ExperimentOpt = Annotated[str, typer.Option(help="MLflow experiment name.")]
+CONFIG_OPTIONS: dict[str, Any] = {
+    "data": Annotated[str, typer.Option(help="'digits' (built in, offline), 'flowers102', or a path to an "
+                                             "ImageFolder tree (class folders, or split folders train/, val/, test/).")],
+    "model": Annotated[str, typer.Option(help="efficientnet_lite0 (offline ImageNet weights), a torchvision "
+                                              "model such as resnet50, or a timm model name.")],
+    "weights": Annotated[Optional[str], typer.Option(help="Local state_dict to use as pretrained weights.")],
+    "head": Annotated[Head, typer.Option(help="mlp: the seed's 512-unit head; linear: one layer.")],
+    "epochs": Annotated[int, typer.Option(help="Training epochs.")],
+    "batch_size": Annotated[int, typer.Option(help="Training batch size.")],
+    "lr": Annotated[float, typer.Option(help="Adam learning rate (head; whole net for scratch).")],
+    "backbone_lr_mult": Annotated[float, typer.Option(help="finetune, lpft: backbone lr = lr x this.")],
+    "lp_epochs": Annotated[int, typer.Option(help="lpft: epochs of linear probing before fine-tuning.")],
+    "image_size": Annotated[str, typer.Option(help="Pixels per side, or 'auto' (224 for photos, 64 for digits).")],
+    "val_fraction": Annotated[float, typer.Option(help="Validation share carved from train when the data has "
+                                                       "no val/ folder.")],
+    "test_fraction": Annotated[float, typer.Option(help="Held-out test share carved when the data has no test "
+                                                        "split.")],
+    "split_seed": Annotated[int, typer.Option(help="Seed of the validation/test split (the same for every run "
+                                                   "of a study; --seed does not move it).")],
+    "device": Annotated[Device, typer.Option(help="Where to train; auto picks cuda, then mps, then cpu.")],
+    "precision": Annotated[Precision, typer.Option(help="auto = bf16 autocast on CUDA, fp32 elsewhere.")],
+    "channels_last": Annotated[bool, typer.Option(help="Use the channels_last memory format.")],
+    "compile": Annotated[bool, typer.Option("--compile", help="torch.compile the model.")],
+    "num_workers": Annotated[int, typer.Option(help="Threads that decode images (once, then cached).")],
+    "feature_cache": Annotated[FeatureCache, typer.Option(help="transfer, lpft: compute frozen-backbone "
+                                                               "features once.")],
+    "feature_cache_views": Annotated[int, typer.Option(help="Augmented views per image in the feature cache.")],
+    "system_metrics": Annotated[bool, typer.Option(help="Log MLflow system metrics (CPU, memory, GPU).")],
+    "experiment": Annotated[str, typer.Option(help="MLflow experiment name.")],
+}
+CLI_DEFAULTS = {"image_size": "auto"}  # where the option's text differs from the config's value (None)
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
 
 
-def _base_config(*, strategy: str, data: str, model: str, weights: str | None, head: str, epochs: int,
-                 batch_size: int, lr: float, backbone_lr_mult: float, seed: int, image_size: str,
-                 val_fraction: float, samples_per_class: int | None, train_fraction: float, device: str,
-                 precision: str, channels_last: bool, compile: bool, num_workers: int, feature_cache: str,
-                 feature_cache_views: int, experiment: str, run_name: str | None) -> TrainConfig:
-    _choices("head", head, HEADS)
-    _choices("device", device, DEVICES)
-    _choices("precision", precision, PRECISIONS)
-    return TrainConfig(
-        strategy=strategy, data=data, model=model, weights=weights, head=head, epochs=epochs,
-        batch_size=batch_size, lr=lr, backbone_lr_mult=backbone_lr_mult, seed=seed,
-        image_size=parse_image_size(image_size), val_fraction=val_fraction, samples_per_class=samples_per_class,
-        train_fraction=train_fraction, device=device, precision=precision, channels_last=channels_last,
-        compile=compile, num_workers=num_workers, feature_cache=feature_cache,
-        feature_cache_views=feature_cache_views, experiment=experiment, run_name=run_name)
+def config_options(*, defaults: dict[str, Any] | None = None) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Add every option of CONFIG_OPTIONS to a command; it receives them as one dict, ``options``.
+
+    Typer reads a command's options from its signature, so the wrapper's signature is the command's own
+    parameters (less ``options``) plus the shared ones, with TrainConfig's defaults (or ``defaults``).
+    """
+    field_defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    overrides = {**CLI_DEFAULTS, **(defaults or {})}
+
+    def decorate(command: Callable[..., Any]) -> Callable[..., Any]:
+        own = [p for p in inspect.signature(command, eval_str=True).parameters.values() if p.name != "options"]
+        names = set(p.name for p in own)
+        shared = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation,
+                                    default=overrides.get(name, field_defaults[name]))
+                  for name, annotation in CONFIG_OPTIONS.items() if name not in names]
+
+        @functools.wraps(command)
+        def wrapper(**kwargs: Any) -> Any:
+            options = {p.name: kwargs.pop(p.name) for p in shared}
+            return command(options=options, **kwargs)
+
+        wrapper.__signature__ = inspect.Signature(own + shared)  # type: ignore[attr-defined]
+        wrapper.__annotations__ = {p.name: p.annotation for p in own + shared}
+        return wrapper
+
+    return decorate
+
+
+def config_from_options(options: dict[str, Any], **fields: Any) -> TrainConfig:
+    """A TrainConfig from the shared options (choices as their values, 'auto' sizes as None) and ``fields``."""
+    values = {k: (v.value if isinstance(v, Enum) else v) for k, v in {**options, **fields}.items()}
+    if isinstance(values.get("image_size"), str):
+        values["image_size"] = parse_image_size(values["image_size"])
+    return TrainConfig(**values)
 
 
 def _split_list(option: str, value: str) -> list[str]:
@@ -155,35 +220,31 @@ def _split_list(option: str, value: str) -> list[str]:
     return items
 
 
+def parse_strategies(option: str, value: str) -> list[str]:
+    """Comma-separated strategies, each one of Strategy, none twice."""
+    items = _split_list(option, value)
+    for item in items:
+        if item not in STRATEGIES:
+            raise ConfigError(f"Unknown strategy {item!r} in {option}; expected one of: {', '.join(STRATEGIES)}.")
+    if len(set(items)) != len(items):
+        raise ConfigError(f"{option} lists a strategy twice: {value}; give each once.")
+    return items
+
+
 @app.command()
+@config_options()
 def train(
-    strategy: Annotated[str, typer.Option(help="scratch | transfer | finetune, or several comma-separated "
-                                               "(each is its own run).")] = "transfer",
-    data: DataOpt = "digits",
-    model: ModelOpt = "efficientnet_lite0",
-    weights: WeightsOpt = None,
-    head: HeadOpt = "mlp",
-    epochs: EpochsOpt = 15,
-    batch_size: BatchOpt = 32,
-    lr: LrOpt = 1e-3,
-    backbone_lr_mult: MultOpt = 0.1,
-    seed: Annotated[int, typer.Option(help="Seed for init, split, shuffling and augmentation.")] = 42,
-    image_size: SizeOpt = "auto",
-    val_fraction: ValOpt = 0.2,
+    *,
+    strategy: Annotated[str, typer.Option(help=_choice_help("One strategy or several comma-separated, each its "
+                                                            "own run", Strategy))] = "transfer",
+    seed: Annotated[int, typer.Option(help="Seed for init, shuffling, augmentation and subsets.")] = 42,
     samples_per_class: Annotated[str, typer.Option(help="Train on N images per class, or 'all'.")] = "all",
     train_fraction: Annotated[float, typer.Option(help="Train on this stratified fraction of the train split.")] = 1.0,
-    device: DeviceOpt = "auto",
-    precision: PrecisionOpt = "auto",
-    channels_last: ChannelsOpt = True,
-    compile: CompileOpt = False,
-    num_workers: WorkersOpt = 2,
-    feature_cache: CacheOpt = "auto",
-    feature_cache_views: ViewsOpt = 4,
-    experiment: ExperimentOpt = DEFAULT_EXPERIMENT,
     run_name: Annotated[Optional[str], typer.Option(help="MLflow run name (default strategy-model-sSEED).")] = None,
     resume: Annotated[Optional[str], typer.Option(help="Continue an interrupted run (its RUN_ID) from its "
                                                        "last completed epoch.")] = None,
     quiet: QuietOpt = False,
+    options: dict[str, Any],
 ) -> None:
     """Train one or more strategies, each as its own MLflow run."""
     from .experiment import train as train_run
@@ -194,16 +255,10 @@ def train(
             summary = train_run(TrainConfig(), reporter=reporter, resume_run_id=resume)
             _print_summaries([summary])
             return
-        strategies = _split_list("--strategy", strategy)
-        for s in strategies:
-            _choices("strategy", s, STRATEGIES)
-        base = _base_config(
-            strategy=strategies[0], data=data, model=model, weights=weights, head=head, epochs=epochs,
-            batch_size=batch_size, lr=lr, backbone_lr_mult=backbone_lr_mult, seed=seed, image_size=image_size,
-            val_fraction=val_fraction, samples_per_class=parse_samples_per_class(samples_per_class),
-            train_fraction=train_fraction, device=device, precision=precision, channels_last=channels_last,
-            compile=compile, num_workers=num_workers, feature_cache=feature_cache,
-            feature_cache_views=feature_cache_views, experiment=experiment, run_name=run_name)
+        strategies = parse_strategies("--strategy", strategy)
+        base = config_from_options(options, strategy=strategies[0], seed=seed, run_name=run_name,
+                                   samples_per_class=parse_samples_per_class(samples_per_class),
+                                   train_fraction=train_fraction)
         # Validate every strategy's config before the first run starts: fail fast, not after an hour.
         configs = [base.replace(strategy=s).validate() for s in strategies]
         if len(configs) > 1 and run_name is not None:
@@ -219,48 +274,27 @@ def train(
 
 
 @app.command()
+@config_options(defaults={"epochs": 10})
 def sweep(
-    strategies: Annotated[str, typer.Option(help="Comma-separated strategies.")] = "scratch,transfer,finetune",
+    *,
+    strategies: Annotated[str, typer.Option(help=_choice_help("Comma-separated strategies", Strategy))
+                          ] = "scratch,transfer,finetune",
     seeds: Annotated[str, typer.Option(help="Comma-separated seeds (the spread over seeds is the noise).")] = "0,1,2",
     samples_per_class: Annotated[str, typer.Option(help="Comma-separated training-set sizes per class; "
                                                         "'all' = the whole train split.")] = "5,20,all",
-    data: DataOpt = "digits",
-    model: ModelOpt = "efficientnet_lite0",
-    weights: WeightsOpt = None,
-    head: HeadOpt = "mlp",
-    epochs: EpochsOpt = 10,
-    batch_size: BatchOpt = 32,
-    lr: LrOpt = 1e-3,
-    backbone_lr_mult: MultOpt = 0.1,
-    image_size: SizeOpt = "auto",
-    val_fraction: ValOpt = 0.2,
-    device: DeviceOpt = "auto",
-    precision: PrecisionOpt = "auto",
-    channels_last: ChannelsOpt = True,
-    compile: CompileOpt = False,
-    num_workers: WorkersOpt = 2,
-    feature_cache: CacheOpt = "auto",
-    feature_cache_views: ViewsOpt = 4,
-    experiment: ExperimentOpt = DEFAULT_EXPERIMENT,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="List the cells and which would run; train nothing.")] = False,
     quiet: QuietOpt = False,
+    options: dict[str, Any],
 ) -> None:
     """Run a study: every strategy x seed x training-set size as nested runs under one parent run (resumable)."""
     from .sweep import SweepSpec, plan, run_sweep
 
     with user_errors(sweep=True):
-        strategy_list = _split_list("--strategies", strategies)
-        for s in strategy_list:
-            _choices("strategy", s, STRATEGIES)
+        strategy_list = parse_strategies("--strategies", strategies)
         seed_list = [_parse_int("--seeds", v) for v in _split_list("--seeds", seeds)]
         sizes = [parse_samples_per_class(v) for v in _split_list("--samples-per-class", samples_per_class)]
-        base = _base_config(
-            strategy=strategy_list[0], data=data, model=model, weights=weights, head=head, epochs=epochs,
-            batch_size=batch_size, lr=lr, backbone_lr_mult=backbone_lr_mult, seed=seed_list[0],
-            image_size=image_size, val_fraction=val_fraction, samples_per_class=None, train_fraction=1.0,
-            device=device, precision=precision, channels_last=channels_last, compile=compile,
-            num_workers=num_workers, feature_cache=feature_cache, feature_cache_views=feature_cache_views,
-            experiment=experiment, run_name=None)
+        base = config_from_options(options, strategy=strategy_list[0], seed=seed_list[0])
+        experiment = base.experiment
         spec = SweepSpec(base=base, strategies=tuple(strategy_list), seeds=tuple(seed_list),
                          samples_per_class=tuple(sizes)).validate()
         from rich.console import Console
@@ -281,7 +315,7 @@ def sweep(
 
 @app.command()
 def compare(
-    experiment: ExperimentOpt = DEFAULT_EXPERIMENT,
+    experiment: Annotated[str, typer.Option(help="MLflow experiment name.")] = DEFAULT_EXPERIMENT,
     output: Annotated[Optional[str], typer.Option("--output", "-o", help="Report folder (default "
                                                   "reports/<experiment>/).")] = None,
     format: Annotated[str, typer.Option("--format", help="Table formats to write, comma-separated: "

@@ -8,16 +8,64 @@ is fixed and visible in the MLflow params of the run.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import os
 from dataclasses import dataclass
+from enum import Enum
 from typing import Any
 
-STRATEGIES = ("scratch", "transfer", "finetune")
-HEADS = ("mlp", "linear")
-DEVICES = ("auto", "cpu", "cuda", "mps")
-PRECISIONS = ("auto", "bf16", "fp16", "fp32")
-FEATURE_CACHE = ("auto", "on", "off")
+
+# The choices of every option that has choices, declared once: Typer validates them and lists them in
+# --help, the config validates them, strategies and the engine read them.
+class Strategy(str, Enum):
+    SCRATCH = "scratch"  # random init, everything trains
+    TRANSFER = "transfer"  # pretrained body frozen, new head trains
+    FINETUNE = "finetune"  # pretrained body at lr x backbone_lr_mult, head at lr
+    LPFT = "lpft"  # linear probe (frozen body) for lp_epochs, then finetune (Kumar et al., ICLR 2022)
+
+
+class Head(str, Enum):
+    MLP = "mlp"
+    LINEAR = "linear"
+
+
+class Device(str, Enum):
+    AUTO = "auto"
+    CPU = "cpu"
+    CUDA = "cuda"
+    MPS = "mps"
+
+
+class Precision(str, Enum):
+    AUTO = "auto"
+    BF16 = "bf16"
+    FP16 = "fp16"
+    FP32 = "fp32"
+
+
+class FeatureCache(str, Enum):
+    AUTO = "auto"
+    ON = "on"
+    OFF = "off"
+
+
+def choices(enum: type[Enum]) -> tuple[str, ...]:
+    """The accepted values of a choice, in declaration order."""
+    return tuple(member.value for member in enum)
+
+
+STRATEGIES = choices(Strategy)
+HEADS = choices(Head)
+DEVICES = choices(Device)
+PRECISIONS = choices(Precision)
+FEATURE_CACHE = choices(FeatureCache)
 BUILTIN_DATASETS = ("digits", "flowers102")
+
+# Settings that cannot change a run's numbers (names, where and how fast it runs), and the seed, which
+# is what repeats of "the same settings" differ in. Everything else is part of a run's identity.
+NOT_IDENTITY = frozenset({"run_name", "device", "num_workers", "cache_dir", "experiment", "eval_batch_size",
+                          "compile", "system_metrics", "seed"})
 
 DEFAULT_EXPERIMENT = "tl-vs-scratch"
 # Photo folders use the seed notebook's 224 px; the 8x8 digits are upscaled
@@ -47,6 +95,8 @@ class TrainConfig:
     seed: int = 42
     image_size: int | None = None  # None = per dataset (224 for photos, 64 for digits)
     val_fraction: float = 0.2  # used only when the data has no val/ split
+    test_fraction: float = 0.2  # held-out test share carved when the data has no test split
+    split_seed: int = 0  # fixes the val/test split, the same for every run of a study (--seed does not move it)
     samples_per_class: int | None = None  # stratified subset of the train split; None = all
     train_fraction: float = 1.0  # stratified fraction of the train split
     device: str = "auto"
@@ -56,10 +106,12 @@ class TrainConfig:
     num_workers: int = 2  # threads that decode images (once; the decoded cache is reused)
     feature_cache: str = "auto"  # transfer: compute frozen-backbone features once (auto = on)
     feature_cache_views: int = 4  # augmented views per training image in the feature cache
+    lp_epochs: int = 5  # lpft: epochs of linear probing (frozen body) before the whole net fine-tunes
     eval_batch_size: int = 256  # evaluation runs without gradients, so it can take bigger batches
     experiment: str = DEFAULT_EXPERIMENT
     run_name: str | None = None
     cache_dir: str | None = None  # None = $TLEXP_CACHE_DIR or ~/.cache/tlexp
+    system_metrics: bool = True  # MLflow's CPU/memory (and GPU) system metrics for the run
 
     # ----------------------------------------------------------------- helpers
     @property
@@ -71,7 +123,7 @@ class TrainConfig:
 
     @property
     def pretrained(self) -> bool:
-        return self.strategy != "scratch"
+        return self.strategy != Strategy.SCRATCH.value
 
     def default_run_name(self) -> str:
         parts = [self.strategy, self.model, f"s{self.seed}"]
@@ -94,6 +146,24 @@ class TrainConfig:
         out["dataset"] = self.dataset_name
         return out
 
+    def identity(self, *, data_id: str | None = None) -> dict[str, str]:
+        """Every resolved setting that can change a result, except the seed: the one definition of
+        "the same settings" (compare groups by it, sweep skips finished cells by it).
+
+        ``data_id`` is the data's content fingerprint when known; it replaces the ``--data`` string, so
+        ``./base``, ``base/`` and the absolute path are one dataset and a changed folder is another.
+        """
+        params = self.resolve().to_params()
+        ident = {k: v for k, v in params.items() if k not in NOT_IDENTITY}
+        if data_id:
+            ident["data"] = data_id
+            ident.pop("dataset", None)
+        return ident
+
+    def identity_key(self, *, data_id: str | None = None) -> str:
+        """A short stable hash of ``identity``."""
+        return digest(self.identity(data_id=data_id))
+
     @classmethod
     def from_params(cls, params: dict[str, str]) -> "TrainConfig":
         """Inverse of ``to_params`` (used by ``--resume`` and the sweep's skip logic)."""
@@ -109,11 +179,11 @@ class TrainConfig:
     # ------------------------------------------------------------- validation
     def validate(self) -> "TrainConfig":
         """Check every setting that can be checked without touching data; raise ConfigError."""
-        _choice("strategy", self.strategy, STRATEGIES)
-        _choice("head", self.head, HEADS)
-        _choice("device", self.device, DEVICES)
-        _choice("precision", self.precision, PRECISIONS)
-        _choice("feature cache", self.feature_cache, FEATURE_CACHE)
+        _choice("strategy", self.strategy, Strategy)
+        _choice("head", self.head, Head)
+        _choice("device", self.device, Device)
+        _choice("precision", self.precision, Precision)
+        _choice("feature cache", self.feature_cache, FeatureCache)
         if self.epochs < 1:
             raise ConfigError(f"--epochs must be at least 1, got {self.epochs}.")
         if not self.lr > 0:
@@ -126,6 +196,13 @@ class TrainConfig:
             raise ConfigError(f"--eval-batch-size must be at least 1, got {self.eval_batch_size}.")
         if not 0.0 < self.val_fraction < 1.0:
             raise ConfigError(f"--val-fraction must be between 0 and 1 (exclusive), got {self.val_fraction}.")
+        if not 0.0 < self.test_fraction < 1.0:
+            raise ConfigError(f"--test-fraction must be between 0 and 1 (exclusive), got {self.test_fraction}.")
+        if self.val_fraction + self.test_fraction >= 1.0:
+            raise ConfigError(f"--val-fraction + --test-fraction must leave images to train on, got "
+                              f"{self.val_fraction} + {self.test_fraction}.")
+        if self.lp_epochs < 1:
+            raise ConfigError(f"--lp-epochs must be at least 1, got {self.lp_epochs}.")
         if not 0.0 < self.train_fraction <= 1.0:
             raise ConfigError(f"--train-fraction must be in (0, 1], got {self.train_fraction}.")
         if self.samples_per_class is not None and self.samples_per_class < 1:
@@ -162,9 +239,14 @@ def cache_root(config: TrainConfig | None = None) -> str:
     return os.environ.get("TLEXP_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "tlexp")
 
 
-def _choice(what: str, value: str, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise ConfigError(f"Unknown {what} {value!r}; expected one of: {', '.join(allowed)}.")
+def digest(obj: Any) -> str:
+    """A short stable hash of a JSON-able object (identities, sweep ids)."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _choice(what: str, value: str, allowed: type[Enum]) -> None:
+    if value not in choices(allowed):
+        raise ConfigError(f"Unknown {what} {value!r}; expected one of: {', '.join(choices(allowed))}.")
 
 
 def _parse_field(f: dataclasses.Field, raw: str) -> Any:
@@ -180,4 +262,5 @@ def _parse_field(f: dataclasses.Field, raw: str) -> Any:
     return raw
 
 
-__all__ = ["TrainConfig", "ConfigError", "STRATEGIES", "HEADS", "DEVICES", "DEFAULT_EXPERIMENT", "cache_root"]
+__all__ = ["TrainConfig", "ConfigError", "Strategy", "Head", "Device", "Precision", "FeatureCache", "choices",
+           "STRATEGIES", "HEADS", "DEVICES", "DEFAULT_EXPERIMENT", "NOT_IDENTITY", "cache_root", "digest"]

@@ -13,16 +13,11 @@ seed -> size -> strategy, the decoded dataset is memoised for the process
 
 from __future__ import annotations
 
-import hashlib
-import json
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from .config import ConfigError, TrainConfig
-
-# Settings that make two runs "the same cell"; run names, devices and cache paths do not.
-_NOT_IDENTITY = {"run_name", "device", "num_workers", "cache_dir", "experiment", "eval_batch_size", "compile"}
+from .config import ConfigError, TrainConfig, digest
 
 
 @dataclass(frozen=True)
@@ -59,11 +54,10 @@ class SweepSpec:
 
     def sweep_id(self) -> str:
         """Stable id of this study: the base settings and the grid."""
-        base = {k: v for k, v in self.base.resolve().to_params().items()
-                if k not in _NOT_IDENTITY | {"strategy", "seed", "samples_per_class", "weights"}}
+        base = {k: v for k, v in self.base.identity().items() if k not in {"strategy", "samples_per_class"}}
         grid = {"strategies": list(self.strategies), "seeds": list(self.seeds),
                 "samples_per_class": ["all" if n is None else n for n in self.samples_per_class]}
-        return _digest({"base": base, "grid": grid})
+        return digest({"base": base, "grid": grid})
 
     def grid_params(self) -> dict[str, str]:
         return {"sweep_strategies": ",".join(self.strategies), "sweep_seeds": ",".join(map(str, self.seeds)),
@@ -72,12 +66,8 @@ class SweepSpec:
 
 
 def cell_id(cfg: TrainConfig) -> str:
-    """Hash of the settings that define a cell's result."""
-    return _digest({k: v for k, v in cfg.to_params().items() if k not in _NOT_IDENTITY})
-
-
-def _digest(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
+    """Hash of what defines a cell's result: the config's identity and the seed."""
+    return digest({**cfg.identity(), "seed": str(cfg.seed)})
 
 
 @dataclass
