@@ -1,15 +1,4 @@
-"""The only module that writes to MLflow: run lifecycle, params, metrics, artifacts, the model.
-
-A run always ends in a definite state: FINISHED, FAILED (error message as the
-``tlexp.error`` tag, traceback as an artifact) or KILLED (Ctrl-C / SIGTERM),
-and on FAILED/KILLED the last completed epoch's checkpoint is saved so that
-``tlexp train --resume RUN_ID`` can continue the same run.
-
-Under ``mlflow run`` the entry point logs into the run MLflow created
-(``MLFLOW_RUN_ID``) instead of starting a second one; its experiment is the one
-``mlflow run`` chose, so every run also carries the ``tlexp.experiment`` tag
-that ``tlexp compare`` searches for.
-"""
+"""Runs: open, log into, and always close a training or sweep run; checkpoints; the logged model."""
 
 from __future__ import annotations
 
@@ -17,122 +6,13 @@ import contextlib
 import os
 import signal
 import tempfile
-import threading
 import time
 import traceback
 from typing import Any, Iterator
 
-TAG_EXPERIMENT = "tlexp.experiment"
-TAG_KIND = "tlexp.kind"
-TAG_ERROR = "tlexp.error"
-TAG_SWEEP = "tlexp.sweep_id"
-TAG_CELL = "tlexp.cell_id"
-CHECKPOINT_ARTIFACT = "checkpoint/last.pt"
-
-
-class TrackingError(RuntimeError):
-    """The tracking store cannot be used. One sentence for the user."""
-
-
-class Interrupted(KeyboardInterrupt):
-    """Ctrl-C or SIGTERM as an exception, so that runs end KILLED and save their checkpoint.
-
-    Once the run is closed it carries ``run_id`` and ``epoch`` (the last completed epoch,
-    saved as the checkpoint; None when none had completed) for the message to the user.
-    """
-
-    def __init__(self, message: str = "interrupted", *, signum: int = signal.SIGINT, run_id: str | None = None,
-                 epoch: int | None = None) -> None:
-        super().__init__(message)
-        self.signum, self.run_id, self.epoch = int(signum), run_id, epoch
-
-
-def tracking_uri() -> str:
-    import mlflow
-
-    return mlflow.get_tracking_uri()
-
-
-def check_store(uri: str | None = None, *, experiment: str | None = None) -> str:
-    """Fail fast, before any training, if the tracking store cannot be reached or written.
-
-    With ``experiment``, a local artifact folder the run would write to is checked too.
-    """
-    import mlflow
-    from mlflow.tracking import MlflowClient
-
-    uri = uri or mlflow.get_tracking_uri()
-    if uri.startswith("sqlite:///"):
-        path = uri[len("sqlite:///"):]
-        folder = os.path.dirname(os.path.abspath(path)) or "."
-        if not os.path.isdir(folder):
-            raise TrackingError(f"Tracking store {uri!r}: folder {folder!r} does not exist; create it or set "
-                                f"MLFLOW_TRACKING_URI to a writable location.")
-        target = path if os.path.exists(path) else folder
-        if not os.access(target, os.W_OK):
-            raise TrackingError(f"Tracking store {uri!r} is not writable; set MLFLOW_TRACKING_URI to a "
-                                f"writable location (e.g. sqlite:///$HOME/mlflow.db).")
-    try:
-        # A server that is down must fail in seconds: MLflow's default retries take minutes.
-        with _schema_lock(uri), _quick_http():
-            client = MlflowClient(uri)
-            client.search_experiments(max_results=1)
-            found = client.get_experiment_by_name(experiment) if experiment else None
-    except Exception as exc:
-        hint = ("set MLFLOW_TRACKING_URI to a writable location (e.g. sqlite:///$HOME/mlflow.db)"
-                if uri.startswith("sqlite:") else "start the server or set MLFLOW_TRACKING_URI")
-        raise TrackingError(f"Tracking store {uri!r} is not reachable ({type(exc).__name__}: "
-                            f"{_first_line(exc)}); {hint}.") from exc
-    if found is not None and found.lifecycle_stage != "active":
-        raise TrackingError(f"Experiment {experiment!r} is deleted in {uri!r}; restore it (`mlflow experiments "
-                            f"restore --experiment-id {found.experiment_id}`) or pass another --experiment.")
-    if experiment:
-        _check_artifact_folder(found.artifact_location if found is not None else _default_artifact_root(uri),
-                               experiment)
-    return uri
-
-
-@contextlib.contextmanager
-def _quick_http() -> Iterator[None]:
-    """At most one retry and a 10 s timeout for MLflow's HTTP requests inside the block."""
-    settings = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
-                "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
-    saved = {k: os.environ.get(k) for k in settings}
-    os.environ.update({k: v for k, v in settings.items() if saved[k] is None})  # the user's own values win
-    try:
-        yield
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-
-
-def _default_artifact_root(uri: str) -> str | None:
-    """Where a new experiment's artifacts go: MLflow's default for a database store is ./mlruns."""
-    if uri.startswith(("http:", "https:", "databricks")):
-        return None  # the server decides
-    if uri.startswith("file:") or "://" not in uri:
-        return uri  # a file store keeps artifacts inside itself
-    return os.path.abspath("mlruns")
-
-
-def _check_artifact_folder(location: str | None, experiment: str) -> None:
-    """A local artifact folder must be (or be creatable as) a writable folder."""
-    from urllib.parse import urlparse
-
-    if not location:
-        return
-    parsed = urlparse(location)
-    if parsed.scheme not in ("", "file") and not (len(parsed.scheme) == 1 and os.name == "nt"):
-        return  # s3:, mlflow-artifacts:, ...: only the server or the cloud can tell
-    path = parsed.path if parsed.scheme == "file" else location
-    probe = os.path.abspath(path)
-    while not os.path.exists(probe) and os.path.dirname(probe) != probe:
-        probe = os.path.dirname(probe)
-    if not os.path.isdir(probe) or not os.access(probe, os.W_OK | os.X_OK):
-        raise TrackingError(f"Artifacts of experiment {experiment!r} go to {path!r}, but {probe!r} is not a "
-                            f"writable folder; make it writable, run from a writable folder, or use another "
-                            f"--experiment or MLFLOW_TRACKING_URI.")
+from .signals import Interrupted, raise_pending, sigterm_as_interrupt, signals_deferred
+from .store import (CHECKPOINT_ARTIFACT, TAG_ERROR, TAG_EXPERIMENT, TAG_KIND, TAG_SWEEP, TrackingError, _first_line,
+                    experiment_id, retry_locked)
 
 
 def _same_number(a: str, b: str) -> bool:
@@ -140,71 +20,6 @@ def _same_number(a: str, b: str) -> bool:
         return float(a) == float(b)
     except ValueError:
         return False
-
-
-@contextlib.contextmanager
-def _schema_lock(uri: str) -> Iterator[None]:
-    """Serialise first use of a SQLite store across processes.
-
-    MLflow creates and migrates the schema of a fresh SQLite file on first
-    use; several ``tlexp train`` processes starting together race on it
-    ("table ... already exists", "Online migration expected to match one
-    row"). An exclusive lock on the store's folder lets one process create
-    the schema while the others wait; afterwards the lock costs nothing.
-    """
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - Windows: no flock, no lock
-        yield
-        return
-    if not uri.startswith("sqlite:///"):
-        yield
-        return
-    folder = os.path.dirname(os.path.abspath(uri[len("sqlite:///"):])) or "."
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)  # closing the descriptor releases the lock
-
-
-def retry_locked(fn: Any, *args: Any, attempts: int = 8, **kwargs: Any) -> Any:
-    """Call ``fn``, retrying with backoff while SQLite answers 'database is locked'.
-
-    Several processes writing one SQLite file queue for its single write lock; a
-    transaction that timed out waiting did not commit, so calling again is safe.
-    """
-    for attempt in range(attempts):
-        try:
-            return fn(*args, **kwargs)
-        except Exception as exc:
-            if "database is locked" not in str(exc) or attempt == attempts - 1:
-                raise
-            time.sleep(min(5.0, 0.1 * 2 ** attempt))
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0][:200] if text else ""
-
-
-def experiment_id(name: str) -> str:
-    """Id of experiment ``name``, created if missing (race-safe for concurrent processes)."""
-    from mlflow.exceptions import MlflowException
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient()
-    found = client.get_experiment_by_name(name)
-    if found is not None:
-        return found.experiment_id
-    try:
-        return retry_locked(client.create_experiment, name)
-    except MlflowException:  # another process created it first
-        found = client.get_experiment_by_name(name)
-        if found is None:
-            raise
-        return found.experiment_id
 
 
 class RunLogger:
@@ -339,58 +154,6 @@ def _active(run_id: str) -> Iterator[None]:
         fluent._active_run_stack.get().pop()  # type: ignore[attr-defined]
 
 
-_DEFER = {"depth": 0, "pending": None}  # signals that arrived while deferred (main thread only)
-
-
-@contextlib.contextmanager
-def signals_deferred(*, pending: str = "raise") -> Iterator[None]:
-    """Ctrl-C/SIGTERM that arrive inside the block wait for its end; then the signal is raised
-    (``pending="raise"``), dropped ("drop": the caller is ending the run anyway) or kept for
-    ``raise_pending()`` ("keep"). A second signal while one waits acts at once."""
-    _DEFER["depth"] += 1
-    try:
-        yield
-    finally:
-        _DEFER["depth"] -= 1
-        if _DEFER["depth"] == 0 and pending != "keep":
-            if pending == "raise":
-                raise_pending()
-            _DEFER["pending"] = None
-
-
-def raise_pending() -> None:
-    """Raise ``Interrupted`` now for a signal that arrived while deferred."""
-    signum = _DEFER["pending"]
-    if signum is not None and _DEFER["depth"] == 0:
-        _DEFER["pending"] = None
-        raise Interrupted(f"received {signal.Signals(signum).name}", signum=signum)
-
-
-@contextlib.contextmanager
-def sigterm_as_interrupt() -> Iterator[None]:
-    """Within the block, SIGINT and SIGTERM raise ``Interrupted`` in the main thread (or, inside
-    ``signals_deferred``, at its end). A signal the parent process ignores stays ignored."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def handler(signum: int, frame: Any) -> None:
-        if _DEFER["depth"] and _DEFER["pending"] is None:
-            _DEFER["pending"] = signum
-            return
-        raise Interrupted(f"received {signal.Signals(signum).name}", signum=signum)
-
-    previous = {}
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        if signal.getsignal(signum) is not signal.SIG_IGN:
-            previous[signum] = signal.signal(signum, handler)
-    try:
-        yield
-    finally:
-        for signum, old in previous.items():
-            signal.signal(signum, old)
-
-
 @contextlib.contextmanager
 def training_run(*, experiment: str, run_name: str, tags: dict[str, str], parent_run_id: str | None = None,
                  resume_run_id: str | None = None, start_step: int = 0) -> Iterator[RunLogger]:
@@ -482,31 +245,6 @@ def _finish(client: Any, run_id: str, status: str) -> None:
     retry_locked(client.set_terminated, run_id, status=status)
 
 
-def run_exists(run_id: str) -> Any:
-    """The MLflow run ``run_id`` or a TrackingError that says it was not found."""
-    from mlflow.exceptions import MlflowException
-    from mlflow.tracking import MlflowClient
-
-    try:
-        return MlflowClient().get_run(run_id)
-    except MlflowException as exc:
-        raise TrackingError(f"Run {run_id!r} was not found in the tracking store {tracking_uri()!r}; "
-                            f"pass the id of a tlexp run (see `mlflow ui` or `tlexp compare`).") from exc
-
-
-def resumable_run(run_id: str) -> Any:
-    """The run ``run_id`` if it ended KILLED or FAILED (so ``--resume`` cannot log an epoch twice)."""
-    run = run_exists(run_id)
-    status = run.info.status
-    if status == "FINISHED":
-        raise TrackingError(f"Run {run_id} is FINISHED; only KILLED or FAILED runs can be resumed "
-                            f"(start a new run instead).")
-    if status not in ("KILLED", "FAILED"):
-        raise TrackingError(f"Run {run_id} is {status}: it is still training, or its process died without "
-                            f"saving a checkpoint; only KILLED or FAILED runs can be resumed.")
-    return run
-
-
 def load_checkpoint(run_id: str) -> dict[str, Any]:
     """Download and load the checkpoint a KILLED/FAILED run saved."""
     import torch
@@ -519,32 +257,6 @@ def load_checkpoint(run_id: str) -> dict[str, Any]:
                             f"that were interrupted or failed after at least one epoch can be resumed.") from exc
     # The checkpoint holds tensors, numbers and strings only (RNG states are tensors).
     return torch.load(path, map_location="cpu", weights_only=True)
-
-
-
-
-def _all_experiment_ids(client: Any) -> list[str]:
-    from mlflow.entities import ViewType
-
-    return [e.experiment_id for e in client.search_experiments(view_type=ViewType.ACTIVE_ONLY)]
-
-
-def sweep_children(experiment: str, sweep_id: str) -> dict[str, list[tuple[str, str]]]:
-    """cell id -> [(status, run id)] of the training runs an earlier run of this sweep left."""
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient()
-    ids = _all_experiment_ids(client)
-    out: dict[str, list[tuple[str, str]]] = {}
-    if not ids:
-        return out
-    runs = client.search_runs(ids, filter_string=f"tags.`{TAG_SWEEP}` = '{sweep_id}' and "
-                                                 f"tags.`{TAG_KIND}` = 'train' and "
-                                                 f"tags.`{TAG_EXPERIMENT}` = '{experiment}'",
-                              max_results=50000)
-    for run in runs:
-        out.setdefault(run.data.tags.get(TAG_CELL, ""), []).append((run.info.status, run.info.run_id))
-    return out
 
 
 @contextlib.contextmanager
