@@ -205,8 +205,8 @@ def decode_image(path: str, image_size: int) -> np.ndarray:
 
     with Image.open(path) as img:
         img.load()  # raises on truncated/corrupt files, which the caller reports and skips
-        if EXIF_TRANSPOSE:
-            img = ImageOps.exif_transpose(img)  # a copy only when the file carries a rotation
+        if EXIF_TRANSPOSE:  # in place: no full-size copy of the (usual) image without a rotation tag
+            ImageOps.exif_transpose(img, in_place=True)
         if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
             # 16-bit and float greyscale: Image.convert('RGB') would clip, so scale to 8 bits.
             arr = np.asarray(img, dtype=np.float32)
