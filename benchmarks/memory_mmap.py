@@ -7,7 +7,7 @@ anonymous memory: what a second process on the node cannot share) is read from /
 the peak is reported. With `--baseline-src DIR` (a checkout of an older tlexp) the same runs are made with
 that code too, for contrast.
 
-    nice .venv/bin/python benchmarks/memory_mmap.py --images 1000 --image-size 128
+    nice .venv/bin/python benchmarks/memory_mmap.py
     nice .venv/bin/python benchmarks/memory_mmap.py --baseline-src /tmp/tlexp-before   # + the old code
     nice .venv/bin/python benchmarks/memory_mmap.py --speed      # epoch time: pixels in memory vs mapped
 
@@ -28,7 +28,7 @@ import time
 import numpy as np
 
 
-def make_jpegs(root: str, n_images: int, *, classes: int = 4, side: int = 160, seed: int = 0) -> None:
+def make_jpegs(root: str, n_images: int, *, classes: int = 4, side: int = 96, seed: int = 0) -> None:
     """``n_images`` random-texture JPEGs of ``side`` x ``side`` * 3/4 px in ``classes`` class folders."""
     from PIL import Image
 
@@ -41,10 +41,11 @@ def make_jpegs(root: str, n_images: int, *, classes: int = 4, side: int = 160, s
         img.save(os.path.join(folder, f"{i:06d}.jpg"), quality=90)
 
 
-def peak_rss_anon(cmd: list[str], env: dict[str, str]) -> tuple[int, float, int]:
+def peak_rss_anon(cmd: list[str], env: dict[str, str], cwd: str) -> tuple[int, float, int]:
     """Run ``cmd``; return (peak RssAnon in bytes, wall seconds, exit code)."""
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    # cwd: `python -m` puts the working directory first on sys.path, ahead of PYTHONPATH.
+    proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     peak = 0
     while proc.poll() is None:
         try:
@@ -99,8 +100,8 @@ def speed(*, model_name: str, epochs: int, image_size: int, work: str) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--images", type=int, default=1000, help="images of the small dataset (the big has 4x)")
-    parser.add_argument("--image-size", type=int, default=128, help="decoded size (--speed: the digits' size)")
+    parser.add_argument("--images", type=int, default=4000, help="images of the small dataset (the big has 4x)")
+    parser.add_argument("--image-size", type=int, default=64, help="decoded size (--speed: the digits' size)")
     parser.add_argument("--baseline-src", default=None, help="a directory holding an older tlexp package")
     parser.add_argument("--work-dir", default=None)
     parser.add_argument("--speed", action="store_true", help="time epochs from memory vs from the mapping instead")
@@ -131,11 +132,13 @@ def main() -> None:
                    "--data", os.path.join(work, name), "--image-size", str(args.image_size), "--epochs", "1",
                    "--samples-per-class", "20", "--device", "cpu", "--quiet", "--experiment", "mmap-bench"]
             for run in ("first (decoding)", "second (cache)"):
-                peak, wall, rc = peak_rss_anon(cmd, env)
+                peak, wall, rc = peak_rss_anon(cmd, env, cwd=work)
                 cache_mib = n * 3 * args.image_size ** 2 / 2**20
                 rows.append((label, name, n, cache_mib, run, peak / 2**20, wall, rc))
                 print(f"{label:18s} {name:5s} {n:6d} images  cache {cache_mib:7.1f} MiB  {run:17s} "
                       f"peak RssAnon {peak / 2**20:7.1f} MiB  {wall:5.1f} s  rc={rc}", flush=True)
+                if rc != 0:
+                    raise SystemExit(f"tlexp train failed (exit {rc}); no figures.")
 
     print("\n| code | dataset | images | decoded cache | run | peak RssAnon | wall |")
     print("|---|---|---:|---:|---|---:|---:|")
