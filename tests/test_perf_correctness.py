@@ -153,6 +153,33 @@ def test_cached_features_equal_the_backbone_on_the_same_augmented_input(tmp_path
     assert torch.equal(later[:, 1], cached[:, 2])
 
 
+def test_a_feature_store_holds_rows_only_for_the_images_runs_asked_for(tmp_path):
+    model = _frozen_tinycnn(tmp_path)
+    images = torch.randint(0, 256, (100, 3, 16, 16), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    store, preset = FeatureStore(num_images=100, views=2, seed=0), TrainPreset()
+    small = store.get_augmented(model.features, images, torch.tensor([3, 50, 7]), settings=CPU, batch_size=4,
+                                preset=preset)
+    store.get_clean(model.features, images, torch.tensor([10, 11]), settings=CPU, batch_size=4)
+    # A training split of 3 images costs 3 rows per view, not one per image of the dataset.
+    assert store.augmented.values.shape == (2, 3, model.num_features)
+    assert store.clean.values.shape == (2, model.num_features)
+    larger = store.get_augmented(model.features, images, torch.tensor([7, 99, 3, 50]), settings=CPU, batch_size=4,
+                                 preset=preset)  # a larger subset of the same split (the next size of a sweep)
+    assert store.augmented.values.shape == (2, 4, model.num_features)
+    assert torch.equal(larger[:, [2, 3, 0]], small)
+
+
+def test_only_the_latest_feature_store_is_kept():
+    from tlexp import features
+
+    features.clear()
+    first = features.feature_store(("data", "seed 0"), num_images=4, views=1, seed=0)
+    assert features.feature_store(("data", "seed 0"), num_images=4, views=1, seed=0) is first
+    features.feature_store(("data", "seed 1"), num_images=4, views=1, seed=1)
+    assert features.feature_store(("data", "seed 0"), num_images=4, views=1, seed=0) is not first  # it was dropped
+    features.clear()
+
+
 @pytest.mark.parametrize("feature_cache", ["on", "off"])
 def test_transfer_leaves_the_frozen_backbone_bit_identical(tmp_path, feature_cache):
     config = TrainConfig(strategy="transfer", model="tinycnn", weights=str(tiny_weights(tmp_path / "w.pt")),
