@@ -123,3 +123,17 @@ def test_fit_checkpoints_the_random_states_of_its_device(tmp_path, monkeypatch):
     logger = tracking.NullLogger()
     experiment.fit(prep, logger, experiment.SilentReporter(), None)
     assert seen == [torch.device("cpu")] and logger.checkpoint["cuda_rng"] == ["marker"]
+
+
+def test_the_model_is_logged_into_the_open_run_without_ending_it(store, monkeypatch):
+    import mlflow
+
+    from tlexp.tracking.runs import _active
+
+    monkeypatch.setenv("MLFLOW_RUN_ID", "set-by-mlflow-run")
+    run_id = MlflowClient().create_run("0").info.run_id
+    with _active(run_id):
+        assert mlflow.active_run().info.run_id == run_id  # what the fluent log_model writes into
+    assert mlflow.active_run() is None
+    assert MlflowClient().get_run(run_id).info.status == "RUNNING"
+    assert os.environ["MLFLOW_RUN_ID"] == "set-by-mlflow-run"  # end_run() forgets it; `mlflow run` needs it

@@ -123,7 +123,8 @@ def test_preflight_prepares_each_strategy_and_each_seed_once_at_the_largest_size
     preflight(spec)
     assert len(spec.cells()) == 18
     assert {c.samples_per_class for c in prepared} == {4}  # a size fails only by being too large
-    assert {c.strategy for c in prepared} == {"scratch", "transfer", "finetune"} and {c.seed for c in prepared} == {0, 1}
+    assert {c.strategy for c in prepared} == {"scratch", "transfer", "finetune"}
+    assert {c.seed for c in prepared} == {0, 1}
     assert len(prepared) == 4  # not one per cell
     prepared.clear()
     preflight(_spec(tmp_path, samples_per_class=(None,)))
