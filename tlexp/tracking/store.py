@@ -12,6 +12,7 @@ TAG_KIND = "tlexp.kind"
 TAG_ERROR = "tlexp.error"
 TAG_SWEEP = "tlexp.sweep_id"
 TAG_CELL = "tlexp.cell_id"
+TAG_DIVERGED_EPOCH = "tlexp.diverged_epoch"  # a run that ended FAILED on a non-finite loss, and when
 CHECKPOINT_ARTIFACT = "checkpoint/last.pt"
 
 
