@@ -195,6 +195,10 @@ def resumable_run(run_id: str) -> Any:
     if status not in ("KILLED", "FAILED"):
         raise TrackingError(f"Run {run_id} is {status}: it is still training, or its process died without "
                             f"saving a checkpoint; only KILLED or FAILED runs can be resumed.")
+    diverged = run.data.tags.get(TAG_DIVERGED_EPOCH)
+    if diverged:  # same settings, same RNG state: it would diverge at the same epoch again
+        raise TrackingError(f"Run {run_id} diverged (non-finite loss) at epoch {diverged}; resumed with the same "
+                            f"settings it would diverge again, so start a new run with a smaller --lr.")
     return run
 
 
