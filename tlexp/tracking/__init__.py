@@ -11,6 +11,7 @@ Under ``mlflow run`` the entry point logs into the run MLflow created
 that ``tlexp compare`` searches for.
 """
 
+from .comparison import log_comparison_run
 from .runs import (RunLogger, load_checkpoint, sweep_run, training_run)
 from .signals import Interrupted, raise_pending, sigterm_as_interrupt, signals_deferred
 from .store import (CHECKPOINT_ARTIFACT, TAG_CELL, TAG_ERROR, TAG_EXPERIMENT, TAG_KIND, TAG_SWEEP, TrackingError,
@@ -19,5 +20,5 @@ from .store import (CHECKPOINT_ARTIFACT, TAG_CELL, TAG_ERROR, TAG_EXPERIMENT, TA
 
 __all__ = ["RunLogger", "load_checkpoint", "sweep_run", "training_run", "Interrupted", "raise_pending",
            "sigterm_as_interrupt", "signals_deferred", "CHECKPOINT_ARTIFACT", "TAG_CELL", "TAG_ERROR",
-           "TAG_EXPERIMENT", "TAG_KIND", "TAG_SWEEP", "TrackingError", "check_store", "experiment_id",
+           "TAG_EXPERIMENT", "TAG_KIND", "TAG_SWEEP", "TrackingError", "check_store", "log_comparison_run", "experiment_id",
            "resumable_run", "retry_locked", "run_exists", "sweep_children", "tracking_uri"]
