@@ -175,6 +175,36 @@ def test_unfinished_sweep_and_comparison_runs_are_left_out_and_counted(store, tm
     assert "1 earlier comparison run" in notes
 
 
+def test_evaluation_runs_are_not_training_runs(store, tmp_path):
+    client, uri = store
+    eid = new_experiment(client, tmp_path)
+    log_fake_run(client, eid, strategy="transfer", seed=1, val_acc=[0.5, 0.9], test_acc=0.9)
+    log_fake_run(client, eid, strategy="transfer", seed=1, val_acc=[0.1], test_acc=0.1, kind="evaluation")
+    runs, notes = compare.select_training_runs(load_runs(EXP, tracking_uri=uri, all_runs=True), EXP)
+    assert list(runs["test_acc"]) == [0.9]
+    assert any("Left out 1 evaluation run (tlexp.kind=evaluation" in n for n in notes)
+
+
+@pytest.mark.parametrize("name", ["bob's study", 'the "big" one', """bob's "big" study"""])
+def test_experiment_names_with_quotes(store, tmp_path, name):
+    client, uri = store
+    # in its own experiment, and (as under `mlflow run`) in Default with only the tag naming it
+    log_fake_run(client, new_experiment(client, tmp_path, name), strategy="scratch", seed=1, val_acc=[0.4],
+                 experiment_tag=name)
+    log_fake_run(client, "0", strategy="transfer", seed=1, val_acc=[0.6], experiment_tag=name)
+    log_fake_run(client, "0", strategy="transfer", seed=2, val_acc=[0.6], experiment_tag="bob")
+    runs = load_runs(name, tracking_uri=uri)
+    assert sorted(runs["strategy"]) == ["scratch", "transfer"]
+
+
+def test_the_hint_for_an_empty_experiment_is_shell_quoted(store, tmp_path):
+    client, uri = store
+    new_experiment(client, tmp_path, "bob's study")
+    with pytest.raises(CompareError) as err:
+        load_runs("bob's study", tracking_uri=uri)
+    assert "`tlexp train --experiment 'bob'\"'\"'s study'`" in str(err.value)
+
+
 def test_runs_in_default_are_found_through_the_tag(store, tmp_path):
     client, uri = store
     # `mlflow run .` without --experiment-name: the run lands in 'Default' (id 0), tagged with the name.
@@ -840,3 +870,33 @@ def test_negative_train_val_gaps_are_not_read_as_better_generalisation():
     assert any("negative gap" in line for line in lines)
     positive = compare.findings.overfitting_findings(rows.assign(train_val_gap_mean=[0.02, 0.08]))
     assert any(line.startswith("scratch generalises best") for line in positive)
+
+
+# ------------------------------------------------------------------------------ terminal
+def test_terminal_tables_fit_80_columns_without_splitting_words(store, tmp_path):
+    from rich.console import Console
+
+    from tlexp import report
+
+    client, uri = store
+    eid = new_experiment(client, tmp_path)
+    _sweep(client, eid, {"transfer": {5: [0.8, 0.82], 50: [0.9, 0.91]}, "finetune": {5: [0.7, 0.8], 50: [0.9, 0.9]},
+                         "scratch": {5: [0.3, 0.4], 50: [0.8, 0.9]}})
+    comparison = build(uri)
+    console = Console(file=io.StringIO(), width=80, record=True)
+    report.print_report(compare.CompareResult(comparison, tmp_path / "out"), console=console)
+    text = console.export_text()
+    lines = text.splitlines()
+    assert max(len(line) for line in lines) <= 80
+    for group in ("accuracy", "cost"):
+        frame = report.display_table(comparison, group=group)
+        table, dropped = report.fitted_table(console, frame, title="t", text_columns=report.label_columns(comparison))
+        shown = [c.header for c in table.columns]
+        assert "Strategy" in shown and shown == [c for c in frame.columns if c not in dropped]
+        for header in shown:
+            for word in str(header).split():
+                assert any(word in line.split() for line in lines), f"header word {word!r} was split"
+    assert "left out at this width" in text  # the cost table has more columns than fit
+    # on a wide terminal nothing is left out
+    assert report.fitted_table(Console(width=300), report.display_table(comparison, group="cost"), title="t",
+                               text_columns=report.label_columns(comparison))[1] == []

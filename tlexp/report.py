@@ -399,28 +399,37 @@ def fitted_table(console: "Console", frame: pd.DataFrame, *, title: str,
     """A rich table of ``frame`` no wider than the console, and the columns left out to get there.
 
     Rich squeezes a table that is too wide by breaking words ("Strate / gy"); instead, no cell and no
-    header word is ever split: columns are dropped from the right (label columns last) until the
-    narrowest rendering fits, and header words wrap only at spaces.
+    header word is ever split: headers wrap at spaces, and when even that is too wide, columns are
+    dropped from the right (label columns last).
     """
-    from rich.measure import Measurement
     from rich.table import Table
 
     columns = list(frame.columns)
     dropped: list[str] = []
     while True:
-        table = Table(title=title, title_justify="left", header_style="bold")
-        for column in columns:
-            cells = [str(v) for v in frame[column]]
-            table.add_column(str(column), justify="left" if column in text_columns else "right",
-                             min_width=max([len(c) for c in cells] + [max(map(len, str(column).split()))]),
-                             overflow="ellipsis")
-        for row in frame[columns].itertuples(index=False):
-            table.add_row(*[str(v) for v in row])
+        cells = {c: [str(v) for v in frame[c]] for c in columns}
+        # the narrowest a column can be without splitting a word, and its width on one line
+        narrow = {c: max([len(v) for v in cells[c]] + [len(w) for w in str(c).split()]) for c in columns}
+        natural = {c: max([len(v) for v in cells[c]] + [len(str(c))]) for c in columns}
+        chrome = 3 * len(columns) + 1  # one space each side of a cell, and a border between and around
+        room = console.width - chrome - sum(narrow.values())
         droppable = [c for c in columns if c not in text_columns] or columns[1:]
-        if Measurement.get(console, console.options, table).minimum <= console.width or not droppable:
-            return table, dropped
+        if room >= 0 or not droppable:
+            break
         dropped.insert(0, droppable[-1])
         columns.remove(droppable[-1])
+    widths = dict(narrow)
+    for c in columns:  # spare room unwraps headers, left to right
+        extra = min(max(room, 0), natural[c] - widths[c])
+        widths[c] += extra
+        room -= extra
+    table = Table(title=title, title_justify="left", header_style="bold")
+    for c in columns:
+        table.add_column(str(c), justify="left" if c in text_columns else "right", width=widths[c],
+                         overflow="fold")
+    for row in frame[columns].itertuples(index=False):
+        table.add_row(*[str(v) for v in row])
+    return table, dropped
 
 
 def _print_fitted(console: "Console", frame: pd.DataFrame, *, title: str, text_columns: Sequence[str]) -> None:
