@@ -20,5 +20,5 @@ from .store import (CHECKPOINT_ARTIFACT, TAG_CELL, TAG_ERROR, TAG_EXPERIMENT, TA
 
 __all__ = ["RunLogger", "load_checkpoint", "sweep_run", "training_run", "Interrupted", "raise_pending",
            "sigterm_as_interrupt", "signals_deferred", "CHECKPOINT_ARTIFACT", "TAG_CELL", "TAG_ERROR",
-           "TAG_EXPERIMENT", "TAG_KIND", "TAG_SWEEP", "TrackingError", "check_store", "log_comparison_run", "experiment_id",
-           "resumable_run", "retry_locked", "run_exists", "sweep_children", "tracking_uri"]
+           "TAG_EXPERIMENT", "TAG_KIND", "TAG_SWEEP", "TrackingError", "check_store", "experiment_id",
+           "log_comparison_run", "resumable_run", "retry_locked", "run_exists", "sweep_children", "tracking_uri"]
