@@ -109,18 +109,22 @@ def plan(spec: SweepSpec) -> list[Cell]:
 
 
 def preflight(spec: SweepSpec, reporter: Any = None) -> None:
-    """Fail before any training: every cell's data subset and one model per strategy must be buildable."""
+    """Fail before any training: every strategy's model and every seed's data subset must be buildable.
+
+    As few cells are prepared as cover every check ``prepare`` makes: each strategy's model once, and
+    each seed's split at the largest numbered size (a size fails only by being larger than a class;
+    where it fits, every smaller size and 'all' fit too).
+    """
     from .experiment import prepare
 
-    seen = set()
+    numbered = [n for n in spec.samples_per_class if n is not None]
+    largest = max(numbered) if numbered else None
+    strategies_left, seeds_left = set(spec.strategies), set(spec.seeds)
     for cfg in spec.cells():
-        # The largest size per seed and one model per strategy cover every check prepare() makes.
-        key = (cfg.strategy, cfg.seed) if cfg.samples_per_class is None else (cfg.strategy, cfg.seed,
-                                                                              cfg.samples_per_class)
-        if key in seen:
-            continue
-        seen.add(key)
-        prepare(cfg, reporter=reporter)
+        if cfg.samples_per_class == largest and (cfg.strategy in strategies_left or cfg.seed in seeds_left):
+            prepare(cfg, reporter=reporter)
+            strategies_left.discard(cfg.strategy)
+            seeds_left.discard(cfg.seed)
 
 
 def run_sweep(spec: SweepSpec, *, reporter: Any = None,

@@ -14,7 +14,7 @@ import pandas as pd
 
 from tlexp.compare.types import CompareError, plural, sort_key
 from tlexp.config import DEFAULT_EXPERIMENT
-from tlexp.tracking import TAG_EXPERIMENT, TAG_KIND
+from tlexp.tracking import TAG_EXPERIMENT, TAG_KIND, tag_equals, tagged
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -106,17 +106,9 @@ def load_all_runs(client: "MlflowClient", experiment: str) -> pd.DataFrame:
 
 
 def _tagged_runs(client: "MlflowClient", experiment_ids: list[str], experiment: str) -> list["Run"]:
-    """Runs of ``experiment_ids`` tagged tlexp.experiment=<experiment>, whatever quotes the name holds.
-
-    MLflow's filter strings have no escape for a quote: a name with one kind of quote is enclosed in
-    the other kind; a name with both is matched here instead of in the query.
-    """
-    if "'" not in experiment:
-        return _search_runs(client, experiment_ids, f"tags.`{TAG_EXPERIMENT}` = '{experiment}'")
-    if '"' not in experiment:
-        return _search_runs(client, experiment_ids, f'tags.`{TAG_EXPERIMENT}` = "{experiment}"')
-    return [r for r in _search_runs(client, experiment_ids, f"tags.`{TAG_EXPERIMENT}` != ''")
-            if r.data.tags.get(TAG_EXPERIMENT) == experiment]
+    """Runs of ``experiment_ids`` tagged tlexp.experiment=<experiment>, whatever quotes the name holds."""
+    tags = {TAG_EXPERIMENT: experiment}
+    return tagged(_search_runs(client, experiment_ids, tag_equals(TAG_EXPERIMENT, experiment)), tags)
 
 
 def _name_list(names: Iterable[str], limit: int = 20) -> str:

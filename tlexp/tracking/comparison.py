@@ -12,7 +12,7 @@ import datetime as dt
 from pathlib import Path
 from typing import TYPE_CHECKING, Mapping, Sequence
 
-from .store import TAG_EXPERIMENT, TAG_KIND, TrackingError
+from .store import TAG_EXPERIMENT, TAG_KIND, TrackingError, tag_equals
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -39,7 +39,7 @@ def log_comparison_run(client: "MlflowClient", *, experiment: str, files: Sequen
         raise ComparisonLogError(f"Experiment {experiment!r} is deleted, so the report cannot be logged to it; "
                                  f"restore it, or pass --no-log.")
     exp_id = found.experiment_id if found is not None else client.create_experiment(experiment)
-    earlier = client.search_runs([exp_id], f"tags.`{TAG_KIND}` = '{KIND_COMPARISON}'",
+    earlier = client.search_runs([exp_id], tag_equals(TAG_KIND, KIND_COMPARISON),
                                  order_by=["attributes.start_time DESC"], max_results=1000)
     tags = {TAG_KIND: KIND_COMPARISON, TAG_EXPERIMENT: experiment, "mlflow.runName": RUN_NAME}
     if earlier:
