@@ -900,3 +900,47 @@ def test_terminal_tables_fit_80_columns_without_splitting_words(store, tmp_path)
     # on a wide terminal nothing is left out
     assert report.fitted_table(Console(width=300), report.display_table(comparison, group="cost"), title="t",
                                text_columns=report.label_columns(comparison))[1] == []
+
+
+# ------------------------------------------------------------------ params as tlexp logs them
+def test_full_logged_params_make_rows_by_identity(store, tmp_path):
+    """Runs carrying every param a real run logs (TrainConfig.to_params and the data fingerprint):
+    the lr splits rows, weights (none for scratch) does not split groups, and the run name, device and
+    worker count (not part of the identity) change nothing."""
+    from tlexp.config import TrainConfig
+
+    client, uri = store
+    eid = new_experiment(client, tmp_path)
+    base = TrainConfig(model="tinycnn", data=str(tmp_path / "base"), image_size=8, epochs=1, weights="w.pt",
+                       samples_per_class=3)
+    for seed in range(3):
+        for strategy in ("scratch", "finetune"):
+            for lr, val in ((1e-3, 0.6), (1e-2, 0.7 if strategy == "scratch" else 0.5)):
+                config = base.replace(strategy=strategy, lr=lr, seed=seed, run_name=f"r{seed}{lr}",
+                                      num_workers=seed, device=("cpu", "auto", "cuda")[seed]).resolve()
+                log_fake_run(client, eid, strategy=strategy, seed=seed, lr=lr, val_acc=[val], test_acc=val,
+                             dataset="base", data_fingerprint="f00d" * 8,
+                             params={**config.to_params(), "device_resolved": "cpu", "amp_dtype": "fp32"})
+    comparison = build(uri)
+    assert comparison.group_keys == [] and sorted(comparison.tuned_keys) == ["lr", "weights"]
+    assert comparison.shared["data"] == "base@f00df00df0" and comparison.shared["samples_per_class"] == "3"
+    assert len(comparison.table) == 4 and set(comparison.table["n_runs"]) == {3}
+    headline = comparison.headline.set_index("strategy")
+    assert headline.loc["scratch", "lr"] == "0.01" and headline.loc["finetune", "lr"] == "0.001"
+    assert headline.loc["scratch", "weights"] == "none" and headline.loc["finetune", "weights"] == "w.pt"
+    assert len(comparison.paired) == 1 and comparison.paired.iloc[0]["n"] == 3
+
+
+def test_a_store_that_refuses_writes_keeps_the_report_and_says_so(store, tmp_path, monkeypatch, no_charts):
+    client, uri = store
+    eid = new_experiment(client, tmp_path)
+    log_fake_run(client, eid, strategy="scratch", val_acc=[0.3, 0.5])
+
+    def read_only(*args, **kwargs):
+        raise OSError("attempt to write a readonly database")
+
+    monkeypatch.setattr(MlflowClient, "create_run", read_only)  # fails before any comparison run exists
+    with pytest.raises(TrackingError, match=r"report was written, but logging it to MLflow failed \(OSError: "
+                                            r"attempt to write a readonly database\)"):
+        run_compare(EXP, tracking_uri=uri, output=tmp_path / "out", console=quiet())
+    assert (tmp_path / "out" / "comparison.md").exists()

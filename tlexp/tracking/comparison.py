@@ -12,7 +12,7 @@ import datetime as dt
 from pathlib import Path
 from typing import TYPE_CHECKING, Mapping, Sequence
 
-from .store import TAG_EXPERIMENT, TAG_KIND, TrackingError, tag_equals
+from .store import TAG_EXPERIMENT, TAG_KIND, TrackingError, _first_line, tag_equals
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -34,24 +34,24 @@ def log_comparison_run(client: "MlflowClient", *, experiment: str, files: Sequen
 
     A run is never left RUNNING: an error or Ctrl-C part-way marks it FAILED or KILLED.
     """
-    found = client.get_experiment_by_name(experiment)
-    if found is not None and found.lifecycle_stage != "active":
-        raise ComparisonLogError(f"Experiment {experiment!r} is deleted, so the report cannot be logged to it; "
-                                 f"restore it, or pass --no-log.")
-    exp_id = found.experiment_id if found is not None else client.create_experiment(experiment)
-    earlier = client.search_runs([exp_id], tag_equals(TAG_KIND, KIND_COMPARISON),
-                                 order_by=["attributes.start_time DESC"], max_results=1000)
-    tags = {TAG_KIND: KIND_COMPARISON, TAG_EXPERIMENT: experiment, "mlflow.runName": RUN_NAME}
-    if earlier:
-        run_id = earlier[0].info.run_id
-        client.update_run(run_id, status="RUNNING")
-    else:
-        run_id = client.create_run(exp_id, run_name=RUN_NAME, tags=tags).info.run_id
+    run_id = None
     try:
         from mlflow.entities import RunTag
-
         from mlflow.utils.validation import MAX_TAG_VAL_LENGTH
 
+        found = client.get_experiment_by_name(experiment)
+        if found is not None and found.lifecycle_stage != "active":
+            raise ComparisonLogError(f"Experiment {experiment!r} is deleted, so the report cannot be logged to "
+                                     f"it; restore it, or pass --no-log.")
+        exp_id = found.experiment_id if found is not None else client.create_experiment(experiment)
+        earlier = client.search_runs([exp_id], tag_equals(TAG_KIND, KIND_COMPARISON),
+                                     order_by=["attributes.start_time DESC"], max_results=1000)
+        tags = {TAG_KIND: KIND_COMPARISON, TAG_EXPERIMENT: experiment, "mlflow.runName": RUN_NAME}
+        if earlier:
+            client.update_run(earlier[0].info.run_id, status="RUNNING")
+            run_id = earlier[0].info.run_id
+        else:
+            run_id = client.create_run(exp_id, run_name=RUN_NAME, tags=tags).info.run_id
         if len(description) > MAX_TAG_VAL_LENGTH:  # a big sweep's findings: the rest is in report.html
             description = description[:MAX_TAG_VAL_LENGTH - 60].rsplit("\n", 1)[0] + "\n\n… (continued in report.html)"
         generated = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
@@ -61,13 +61,17 @@ def log_comparison_run(client: "MlflowClient", *, experiment: str, files: Sequen
         _replace_artifacts(client, run_id, files)
         for older in earlier[1:]:
             client.delete_run(older.info.run_id)
+        client.set_terminated(run_id, status="FINISHED")
     except BaseException as exc:  # Ctrl-C included: the run must not stay RUNNING
-        client.set_terminated(run_id, status="FAILED" if isinstance(exc, Exception) else "KILLED")
-        if not isinstance(exc, Exception):
+        if run_id is not None:
+            try:
+                client.set_terminated(run_id, status="FAILED" if isinstance(exc, Exception) else "KILLED")
+            except Exception:  # the store itself is what failed; the error below says so
+                pass
+        if not isinstance(exc, Exception) or isinstance(exc, ComparisonLogError):
             raise
         raise ComparisonLogError(f"The report was written, but logging it to MLflow failed ({type(exc).__name__}: "
-                                 f"{str(exc).splitlines()[0] if str(exc) else ''}); pass --no-log to skip it.") from exc
-    client.set_terminated(run_id, status="FINISHED")
+                                 f"{_first_line(exc)}); pass --no-log to skip it.") from exc
     return run_id
 
 
