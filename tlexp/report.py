@@ -248,12 +248,17 @@ def _markdown_table(frame: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
-def _context(comparison: Comparison) -> str:
-    shared = ", ".join(f"{k}={display_value(k, v)}" for k, v in comparison.shared.items())
+def _context(comparison: Comparison, *, brief: bool = False) -> str:
+    """One sentence on what the table holds; ``brief`` lists only the shared settings not at their default."""
+    from tlexp.config import TrainConfig
+
+    defaults = TrainConfig().to_params() if brief else {}
+    shared = ", ".join(f"{k}={display_value(k, v)}" for k, v in comparison.shared.items()
+                       if k in ("model", "data") or defaults.get(k) != v)
     n = len(comparison.stats)
     return (f"{n} finished training run{'s' if n != 1 else ''}; headline: {METRIC_WORDS[comparison.metric]}; "
             f"accuracies in %, mean ± std over seeds where a row has several runs. Shared settings: "
-            f"{shared or 'none'}.")
+            f"{shared or 'none'}{' (others at their defaults)' if brief else ''}.")
 
 
 @dataclass(frozen=True)
@@ -375,7 +380,7 @@ def print_report(result: CompareResult, *, console: "Console | None" = None) -> 
     console = console or Console()
     comparison = result.comparison
     console.print(f"[bold]Comparison: {escape(comparison.experiment)}[/bold]  "
-                  f"[dim]{escape(_context(comparison))}[/dim]")
+                  f"[dim]{escape(_context(comparison, brief=True))}[/dim]")
     labels = label_columns(comparison)
     for group, title in (("accuracy", "Accuracy"), ("cost", "Cost and convergence")):
         _print_fitted(console, display_table(comparison, group=group), title=title, text_columns=labels)

@@ -79,8 +79,8 @@ def _spread(row: pd.Series, metric: str) -> str:
     return f" ± {100 * std:.1f} ({int(row['n_runs'])} runs)"
 
 
-def _verdict(name: str | None) -> str:
-    return f"{name} is reliably ahead" if name else "no strategy is reliably ahead"
+def _verdict(name: str | None, top: str) -> str:
+    return f"{name} is reliably ahead" if name else f"no strategy is reliably ahead ({top} ranks first)"
 
 
 def tuning_findings(rows: pd.DataFrame, default_rows: pd.DataFrame, tuned_keys: Sequence[str],
@@ -100,9 +100,8 @@ def tuning_findings(rows: pd.DataFrame, default_rows: pd.DataFrame, tuned_keys: 
     top_tuned = rows.sort_values(f"{metric}_mean", ascending=False).iloc[0]["strategy"]
     top_default = default_rows.sort_values(f"{metric}_mean", ascending=False).iloc[0]["strategy"]
     changed = tuned != default or top_tuned != top_default
-    lines.append(f"At the default settings ({defaults}) {_verdict(default)} and {top_default} ranks first; "
-                 f"tuned, {_verdict(tuned)} and {top_tuned} ranks first: tuning "
-                 f"{'changes' if changed else 'does not change'} the verdict.")
+    lines.append(f"At the default settings ({defaults}) {_verdict(default, top_default)}; tuned, "
+                 f"{_verdict(tuned, top_tuned)}: tuning {'changes' if changed else 'does not change'} the verdict.")
     return lines
 
 

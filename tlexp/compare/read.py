@@ -38,7 +38,8 @@ def load_runs(experiment: str = DEFAULT_EXPERIMENT, *, tracking_uri: str | None 
     Gathers the experiment with that name plus runs anywhere tagged ``tlexp.experiment=<name>``
     (``mlflow run`` puts runs in 'Default'). Columns: run_id, run_name, experiment_id,
     experiment_name, status, kind, strategy, parent_run_id, start_time, end_time, then every
-    param (strings, exactly as logged) and every summary metric (floats).
+    param (strings, exactly as logged), ``params`` (the same as one dict: a metric such as ``lr``
+    may share a param's name) and every summary metric (floats).
     By default only finished training runs are returned; ``all_runs=True`` keeps sweep parents,
     comparison runs and unfinished runs too. Raises CompareError for an unknown experiment, or
     (by default) one without finished training runs.
