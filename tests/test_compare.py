@@ -943,3 +943,18 @@ def test_a_store_that_refuses_writes_keeps_the_report_and_says_so(store, tmp_pat
                                             r"attempt to write a readonly database\)"):
         run_compare(EXP, tracking_uri=uri, output=tmp_path / "out", console=quiet())
     assert (tmp_path / "out" / "comparison.md").exists()
+
+
+def test_report_and_plots_import_only_the_data_types_from_compare():
+    """The report draws a Comparison; it does not reach into how it was computed (no import cycle)."""
+    import ast
+
+    import tlexp
+
+    root = Path(tlexp.__file__).parent
+    for module in ("report.py", "plots.py"):
+        tree = ast.parse((root / module).read_text(encoding="utf-8"))
+        imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
+        imported |= {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+        from_compare = {name for name in imported if "compare" in name}
+        assert from_compare <= {"tlexp.compare.types"}, (module, from_compare)
