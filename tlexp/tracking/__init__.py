@@ -11,6 +11,7 @@ Under ``mlflow run`` the entry point logs into the run MLflow created
 that ``tlexp compare`` searches for.
 """
 
+from .comparison import log_comparison_run
 from .logger import FitLogger, NullLogger
 from .runs import RunLogger, load_checkpoint, sweep_run, training_run
 from .signals import Interrupted, raise_pending, sigterm_as_interrupt, signals_deferred
@@ -18,4 +19,4 @@ from .store import (CHECKPOINT_ARTIFACT, TAG_CELL, TAG_DIVERGED_EPOCH, TAG_ERROR
                     TAG_STALE_CHECKPOINT, TAG_SWEEP, TrackingError, check_store, experiment_id, resumable_run,
                     retry_locked, run_exists, search_tagged, sweep_children, tag_equals, tagged, tracking_uri)
 
-# Everything above is this package's public face (one name per import, so merges add lines, not rewrite them).
+# The names imported above are this package's public face.
