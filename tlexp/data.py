@@ -33,7 +33,7 @@ from .dataset import DataError, ImageData
 from .folders import IMG_EXTENSIONS, nfc, scan_image_folder
 from .splits import (Splits, carve, make_splits, small_class_warning, split_manifest, stratified_split,
                      subset_train)
-from .transforms import EvalPreset, TrainPreset, adjust_hue_, flip_rotate, v2_reference
+from .transforms import EvalPreset, TrainPreset, adjust_hue_, flip_rotate
 
 log = logging.getLogger(__name__)
 
@@ -404,4 +404,4 @@ def _check_classes_readable(data: ImageData) -> None:
 __all__ = ["BUILTINS", "DataError", "EXIF_TRANSPOSE", "EvalPreset", "IMG_EXTENSIONS", "ImageData", "Splits",
            "TrainPreset", "adjust_hue_", "carve", "check_room", "clear_memory", "data_fingerprint", "data_params",
            "decode_image", "flip_rotate", "load_data", "make_splits", "small_class_warning", "split_manifest",
-           "stratified_split", "subset_train", "v2_reference"]
+           "stratified_split", "subset_train"]
