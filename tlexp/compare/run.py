@@ -46,12 +46,13 @@ def build_comparison(experiment: str, runs: pd.DataFrame, history: pd.DataFrame,
                      f"the epoch was chosen on those same images. Re-run them for a held-out test score.")
     chosen = aggregate.chosen_runs(per_run, table)
     paired = stats.paired_tests(chosen, group_keys, metric)
-    several = table.groupby([*group_keys, "strategy"], sort=False).size()
+    per_strategy = table.groupby([*group_keys, "strategy"], sort=False)
     tuning = default_paired = None
-    if (several > 1).any():
+    if (per_strategy.size() > 1).any():
         default_paired = stats.paired_tests(aggregate.chosen_runs(per_run, table, "default"), group_keys, metric)
         tuning = tuning_table(table, group_keys, tuned_keys)
-        notes.append(f"Runs differ in {', '.join(tuned_keys)} within a strategy: the table shows, per group and "
+        within = [k for k in tuned_keys if (per_strategy[k].nunique() > 1).any()]
+        notes.append(f"Runs differ in {', '.join(within)} within a strategy: the table shows, per group and "
                      f"strategy, the setting with the best mean validation accuracy (tuning.csv); comparison.csv "
                      f"keeps every row.")
     sections = []
