@@ -7,6 +7,7 @@ a bad setting fails fast and leaves nothing in the store.
 from __future__ import annotations
 
 import copy
+import math
 import platform
 import time
 from dataclasses import dataclass, field
@@ -17,17 +18,17 @@ import torch
 from . import features as feature_cache
 from .config import ConfigError, TrainConfig
 from .console import Reporter, SilentReporter
-from .data import (EvalPreset, ImageData, Splits, TrainPreset, load_data, make_splits, split_manifest,
-                   subset_train)
+from .data import (EvalPreset, ImageData, Splits, TrainPreset, data_params, load_data, make_splits,
+                   small_class_warning, split_manifest, subset_train)
 from .engine import (DeviceSettings, confusion_matrix, evaluate, iterate_batches, resolve_device,
                      resolve_precision, train_one_epoch)
 from .models import Classifier, build_model, count_parameters, get_spec
-from .strategies import apply_strategy, get_strategy
+from .strategies import apply_strategy, get_strategy, thaw
 
 if TYPE_CHECKING:
     from .tracking import FitLogger
 
-_ANNOUNCED: set[tuple[str, int]] = set()
+_ANNOUNCED: set[tuple[str, int | str]] = set()  # what this process already told the user
 EPOCH_METRICS = ("train_loss", "train_acc", "val_loss", "val_acc", "epoch_time_s", "lr", "train_samples_per_s")
 
 
@@ -76,10 +77,17 @@ def prepare(config: TrainConfig, *, reporter: Reporter | None = None, data: Imag
             reporter.stage(f"loading {config.data} at {config.image_size}px (decoded once, then cached)")
         data = load_data(config.data, image_size=config.image_size, cache_dir=_cache_dir(config),
                          num_workers=config.num_workers)
-    splits = make_splits(data, val_fraction=config.val_fraction, seed=config.seed)
+    # Val and test are fixed by split_seed (the same test images for every run of a study); --seed moves
+    # only which training images a --samples-per-class / --train-fraction subset keeps.
+    splits = make_splits(data, val_fraction=config.val_fraction, test_fraction=config.test_fraction,
+                         split_seed=config.split_seed)
+    warning = small_class_warning(splits)
+    if warning and (data.cache_key, "small-classes") not in _ANNOUNCED:
+        _ANNOUNCED.add((data.cache_key, "small-classes"))
+        reporter.stage(warning)
     train = subset_train(splits.train, data.labels, data.classes, samples_per_class=config.samples_per_class,
                          train_fraction=config.train_fraction, seed=config.seed)
-    splits = Splits(train=train, val=splits.val, test=splits.test)
+    splits = splits.replace_train(train)
 
     torch.manual_seed(config.seed)  # head init (and the whole net for scratch) depends on the seed only
     model = build_model(config.model, num_classes=data.num_classes, pretrained=strategy.pretrained,
@@ -123,7 +131,8 @@ def _probe(model: Classifier, config: TrainConfig) -> None:
 
 
 def use_feature_cache(config: TrainConfig) -> bool:
-    return config.strategy == "transfer" and config.feature_cache != "off"
+    """Whether the run trains on frozen-body features (transfer throughout, lpft during its linear probe)."""
+    return config.strategy in ("transfer", "lpft") and config.feature_cache != "off"
 
 
 def run_params(prep: Prepared) -> dict[str, Any]:
@@ -134,12 +143,12 @@ def run_params(prep: Prepared) -> dict[str, Any]:
     cfg = prep.config
     params: dict[str, Any] = dict(cfg.to_params())
     params.update(prep.splits.sizes())
+    params.update(data_params(prep.data, prep.splits))
     params.update({
         "num_classes": prep.data.num_classes,
-        "skipped_files": len(prep.data.skipped),
         "device_resolved": str(prep.settings.device),
         "amp_dtype": str(prep.settings.amp_dtype).replace("torch.", "") if prep.settings.amp_dtype else "fp32",
-        "feature_cache_used": use_feature_cache(cfg),
+        "feature_cache_used": use_feature_cache(cfg),  # lpft: during its linear probe
         "augmentation": "flip(0.5), rotation(15), color_jitter(0.2, 0.2, 0.2, 0.1)",
         "weights_source": get_spec(cfg.model).weights_source if cfg.weights is None else cfg.weights,
         "torch_version": torch.__version__,
@@ -147,6 +156,9 @@ def run_params(prep: Prepared) -> dict[str, Any]:
         "mlflow_version": mlflow.__version__,
         "python_version": platform.python_version(),
     })
+    switch = get_strategy(cfg.strategy).switch_epoch(cfg.lp_epochs)
+    if switch is not None:  # lpft: the first epoch that trains the whole network
+        params["lp_switch_epoch"] = switch
     return params
 
 
@@ -173,7 +185,11 @@ def train(config: TrainConfig, *, reporter: Reporter | None = None, data: ImageD
         if checkpoint is None:
             logger.log_params(run_params(prep))
             _log_data_artifacts(logger, prep)
-        summary = fit(prep, logger, reporter, checkpoint)
+        try:
+            summary = fit(prep, logger, reporter, checkpoint)
+        except Diverged as exc:  # recorded, so that --resume can say why continuing would diverge again
+            logger.set_tags({tracking.TAG_DIVERGED_EPOCH: str(exc.epoch)})
+            raise
     return RunSummary(run_id=logger.run_id, config=cfg, metrics=summary["metrics"], history=summary["history"])
 
 
@@ -190,6 +206,8 @@ def fit(prep: Prepared, logger: FitLogger, reporter: Reporter, checkpoint: dict 
     """The epochs of one prepared run, then the final evaluation and results, written through ``logger``
     (a ``tracking.RunLogger``; ``tracking.NullLogger`` writes nothing). ``checkpoint``: resume from it."""
     cfg, model, settings, data, splits = prep.config, prep.model, prep.settings, prep.data, prep.splits
+    strategy = get_strategy(cfg.strategy)
+    switch_epoch = strategy.switch_epoch(cfg.lp_epochs)  # lpft: the first epoch that fine-tunes everything
     optimizer = torch.optim.Adam(prep.param_groups, lr=cfg.lr)
     scaler = torch.amp.GradScaler(settings.device.type) if settings.amp_dtype == torch.float16 else None
     shuffle_gen = torch.Generator().manual_seed(cfg.seed)
@@ -198,7 +216,7 @@ def fit(prep: Prepared, logger: FitLogger, reporter: Reporter, checkpoint: dict 
     # No cudnn.benchmark: on an H200, autotuning each new batch shape cost 10-40 s per run, more than all
     # of a small dataset's epochs. The plain path cuts its batches from the decoded uint8 images, on the
     # GPU when they fit there.
-    images = data.images if use_feature_cache(cfg) else settings.stage(data.images)
+    images = data.images if use_feature_cache(cfg) and switch_epoch is None else settings.stage(data.images)
     labels = data.labels
     step_model = torch.compile(model) if cfg.compile else model
 
@@ -208,6 +226,8 @@ def fit(prep: Prepared, logger: FitLogger, reporter: Reporter, checkpoint: dict 
     state: dict[str, Any] = {}  # the last kept checkpoint
     if checkpoint is not None:
         model.load_state_dict(checkpoint["model"])
+        if switch_epoch is not None and int(checkpoint["epoch"]) >= switch_epoch:  # saved after the switch
+            optimizer = _start_finetune(model, cfg)
         optimizer.load_state_dict(checkpoint["optimizer"])
         shuffle_gen.set_state(checkpoint["shuffle_gen"])
         augment_gen.set_state(checkpoint["augment_gen"])
@@ -223,7 +243,7 @@ def fit(prep: Prepared, logger: FitLogger, reporter: Reporter, checkpoint: dict 
     # The frozen-backbone features are part of what transfer costs: their time is added to the first
     # epoch this process trains, so epoch times, totals and time-to-accuracy charts all include it.
     feature_cache_s = 0.0
-    if use_feature_cache(cfg):
+    if use_feature_cache(cfg) and strategy.body_frozen_in(start_epoch + 1, lp_epochs=cfg.lp_epochs):
         reporter.stage(f"computing frozen-backbone features once ({cfg.feature_cache_views} augmented views)")
         t0 = time.perf_counter()
         cached = _cached_features(prep, train_preset)
@@ -235,6 +255,11 @@ def fit(prep: Prepared, logger: FitLogger, reporter: Reporter, checkpoint: dict 
 
     for epoch in range(start_epoch + 1, cfg.epochs + 1):
         t0 = time.perf_counter()
+        if epoch == switch_epoch:
+            # The linear probe is over: the whole net trains from here, on images (the cached features of
+            # the frozen body no longer describe it), with a fresh Adam over finetune's groups.
+            reporter.stage(f"epoch {epoch}: linear probe done; fine-tuning the whole network")
+            optimizer, cached = _start_finetune(model, cfg), None
         n_batches = -(-len(splits.train) // cfg.batch_size)
         reporter.epoch_start(epoch, cfg.epochs, n_batches)
         on_batch = lambda n, stats: reporter.batch(stats)  # noqa: E731
@@ -255,6 +280,7 @@ def fit(prep: Prepared, logger: FitLogger, reporter: Reporter, checkpoint: dict 
             tr = train_one_epoch(step_model, batches, optimizer, settings=settings, scaler=scaler, on_batch=on_batch)
             va = evaluate(step_model, iterate_batches(images, labels, splits.val, batch_size=cfg.eval_batch_size,
                                                       settings=settings, transform=eval_preset), settings=settings)
+        _check_finite(epoch, tr, va, cfg, logger)
         row = {"epoch": epoch, "train_loss": tr["loss"], "train_acc": tr["acc"], "val_loss": va["loss"],
                "val_acc": va["acc"],
                "epoch_time_s": time.perf_counter() - t0 + (feature_cache_s if epoch == start_epoch + 1 else 0.0),
@@ -317,6 +343,33 @@ def restore_rng_states(checkpoint: dict[str, Any], settings: DeviceSettings) -> 
     if "cuda_rng" in checkpoint and settings.device.type == "cuda":
         for index, cuda_state in enumerate(checkpoint["cuda_rng"][:torch.cuda.device_count()]):
             torch.cuda.set_rng_state(cuda_state, index)
+
+
+class Diverged(ConfigError):
+    """Training produced a non-finite loss: the run is FAILED; the last finite epoch's checkpoint is kept."""
+
+    def __init__(self, message: str, *, epoch: int) -> None:
+        super().__init__(message)
+        self.epoch = epoch
+
+
+def _check_finite(epoch: int, tr: dict[str, Any], va: dict[str, Any], cfg: TrainConfig, logger: Any) -> None:
+    """Divergence is a failure, not a result: NaN logits predict class 0 and would score chance accuracy.
+
+    The epoch's losses are host floats already (one sync per epoch), so this costs nothing per batch.
+    """
+    for split, loss in (("training", tr["loss"]), ("validation", va["loss"])):
+        if not math.isfinite(loss):
+            kept = f"epoch {epoch - 1}'s checkpoint is kept" if epoch > 1 else "no epoch had finished"
+            run = getattr(logger, "run_id", None)
+            raise Diverged(f"Training diverged at epoch {epoch}: the {split} loss is {loss}"
+                           f"{f'; run {run} was marked FAILED' if run else ''} ({kept}); train again with "
+                           f"a smaller --lr than {cfg.lr:g}.", epoch=epoch)
+
+
+def _start_finetune(model: Classifier, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """lpft's second phase: the body thawed, a fresh Adam over finetune's groups (body at lr x mult)."""
+    return torch.optim.Adam(thaw(model, lr=cfg.lr, backbone_lr_mult=cfg.backbone_lr_mult), lr=cfg.lr)
 
 
 def _cached_features(prep: Prepared, preset: TrainPreset) -> dict[str, torch.Tensor]:
@@ -383,9 +436,11 @@ def _log_results(logger: FitLogger, prep: Prepared, history: list[dict[str, floa
     classes = prep.data.classes
     for split, res in results.items():
         cm = confusion_matrix(res["pred"], res["target"], len(classes))
+        support = cm.sum(1).tolist()
+        # A class with no image in this split was not measured: "n/a", not an accuracy of 0.
         per_class = pd.DataFrame({
-            "class": classes, "support": cm.sum(1).tolist(), "correct": cm.diag().tolist(),
-            "accuracy": (cm.diag().float() / cm.sum(1).clamp(min=1).float()).tolist()})
+            "class": classes, "support": support, "correct": cm.diag().tolist(),
+            "accuracy": [c / s if s else "n/a" for c, s in zip(cm.diag().tolist(), support)]})
         logger.log_text(per_class.to_csv(index=False), f"eval/per_class_accuracy_{split}.csv")
         logger.log_figure(confusion_figure(cm.numpy(), classes, title=f"Confusion matrix ({split})"),
                           f"eval/confusion_matrix_{split}.png")

@@ -1,4 +1,5 @@
-"""A whole study -- strategies x seeds x training-set sizes -- as one parent run with nested children.
+"""A whole study -- strategies x seeds x training-set sizes (x learning rates) -- as one parent run with
+nested children.
 
 Each child is an ordinary ``tlexp train`` run (same logging contract), so
 ``tlexp compare`` and the MLflow UI's compare view work on them. The sweep is
@@ -26,6 +27,9 @@ class SweepSpec:
     strategies: tuple[str, ...]
     seeds: tuple[int, ...]
     samples_per_class: tuple[int | None, ...]  # None = the whole train split
+    # The learning-rate axis (`--lrs`): each strategy is then compared at its own best lr on validation.
+    # Empty = the base config's single lr, as a sweep without --lrs.
+    lrs: tuple[float, ...] = ()
 
     def validate(self) -> "SweepSpec":
         if not self.strategies:
@@ -35,7 +39,7 @@ class SweepSpec:
         if not self.samples_per_class:
             raise ConfigError("--samples-per-class is empty; give sizes such as 5,20,all.")
         for name, values in (("strategies", self.strategies), ("seeds", self.seeds),
-                             ("samples-per-class", self.samples_per_class)):
+                             ("samples-per-class", self.samples_per_class), ("lrs", self.lrs)):
             if len(set(values)) != len(values):
                 raise ConfigError(f"--{name} lists a value twice: {','.join(map(str, values))}.")
         for cfg in self.cells():
@@ -43,31 +47,47 @@ class SweepSpec:
         return self
 
     def cells(self) -> list[TrainConfig]:
-        """Every cell's config, ordered so strategy-independent work is reused (seed, size, strategy)."""
+        """Every cell's config, ordered so strategy-independent work is reused (seed, size, lr, strategy)."""
         out = []
         for seed in self.seeds:
             for n in self.samples_per_class:
-                for strategy in self.strategies:
-                    cfg = self.base.replace(strategy=strategy, seed=seed, samples_per_class=n, run_name=None)
-                    out.append(cfg.resolve())
+                for lr in self.lrs or (self.base.lr,):
+                    for strategy in self.strategies:
+                        cfg = self.base.replace(strategy=strategy, seed=seed, samples_per_class=n, lr=lr,
+                                                run_name=None)
+                        out.append(cfg.resolve())
         return out
 
-    def sweep_id(self) -> str:
-        """Stable id of this study: the base settings and the grid."""
-        base = {k: v for k, v in self.base.identity().items() if k not in {"strategy", "samples_per_class"}}
-        grid = {"strategies": list(self.strategies), "seeds": list(self.seeds),
-                "samples_per_class": ["all" if n is None else n for n in self.samples_per_class]}
+    def data_id(self) -> str:
+        """The data's content fingerprint (``./base``, ``base/`` and /abs/base are one dataset; added images
+        make another): what the sweep's ids use instead of the ``--data`` string."""
+        from .config import cache_root
+        from .data import data_fingerprint
+
+        return data_fingerprint(self.base.data, cache_dir=cache_root(self.base))
+
+    def sweep_id(self, data_id: str | None = None) -> str:
+        """Stable id of this study: the base settings (with the data by content) and the grid."""
+        axes = {"strategy", "samples_per_class"} | ({"lr"} if self.lrs else set())
+        ident = self.base.identity(data_id=data_id or self.data_id())
+        base = {k: v for k, v in ident.items() if k not in axes}
+        grid: dict[str, list] = {"strategies": list(self.strategies), "seeds": list(self.seeds),
+                                 "samples_per_class": ["all" if n is None else n for n in self.samples_per_class]}
+        if self.lrs:  # absent without --lrs, so a study started before the lr axis keeps its id
+            grid["lrs"] = list(self.lrs)
         return digest({"base": base, "grid": grid})
 
     def grid_params(self) -> dict[str, str]:
         return {"sweep_strategies": ",".join(self.strategies), "sweep_seeds": ",".join(map(str, self.seeds)),
                 "sweep_samples_per_class": ",".join("all" if n is None else str(n) for n in self.samples_per_class),
-                "sweep_cells": str(len(self.strategies) * len(self.seeds) * len(self.samples_per_class))}
+                "sweep_lrs": ",".join(f"{lr:g}" for lr in self.lrs or (self.base.lr,)),
+                "sweep_cells": str(len(self.strategies) * len(self.seeds) * len(self.samples_per_class)
+                                   * len(self.lrs or (self.base.lr,)))}
 
 
-def cell_id(cfg: TrainConfig) -> str:
-    """Hash of what defines a cell's result: the config's identity and the seed."""
-    return digest({**cfg.identity(), "seed": str(cfg.seed)})
+def cell_id(cfg: TrainConfig, data_id: str | None = None) -> str:
+    """Hash of what defines a cell's result: the config's identity (with the data's fingerprint) and the seed."""
+    return digest({**cfg.identity(data_id=data_id), "seed": str(cfg.seed)})
 
 
 @dataclass
@@ -91,14 +111,15 @@ class SweepResult:
         return [c for c in self.cells if c.status == "FAILED"]
 
 
-def plan(spec: SweepSpec) -> list[Cell]:
+def plan(spec: SweepSpec, *, data_id: str | None = None) -> list[Cell]:
     """The cells and what a run of the sweep would do with each (reads the store, writes nothing)."""
     from . import tracking
 
-    existing = tracking.sweep_children(spec.base.experiment, spec.sweep_id())
+    data_id = data_id or spec.data_id()
+    existing = tracking.sweep_children(spec.base.experiment, spec.sweep_id(data_id))
     cells = []
     for i, cfg in enumerate(spec.cells(), 1):
-        cid = cell_id(cfg)
+        cid = cell_id(cfg, data_id)
         statuses = existing.get(cid, [])
         if any(status == "FINISHED" for status, _ in statuses):
             run_id = next(r for status, r in statuses if status == "FINISHED")
@@ -136,10 +157,12 @@ def run_sweep(spec: SweepSpec, *, reporter: Any = None,
     spec.validate()
     tracking.check_store()
     preflight(spec, reporter=None)
-    cells = plan(spec)
+    data_id = spec.data_id()
+    sweep_id = spec.sweep_id(data_id)
+    cells = plan(spec, data_id=data_id)
     todo = [c for c in cells if c.action != "skip"]
     result = SweepResult(parent_run_id=None, cells=cells)
-    with tracking.sweep_run(experiment=spec.base.experiment, sweep_id=spec.sweep_id(),
+    with tracking.sweep_run(experiment=spec.base.experiment, sweep_id=sweep_id,
                             params={**spec.base.resolve().to_params(), **spec.grid_params()}) as parent:
         result.parent_run_id = parent.run_id
         done: list[Cell] = []
@@ -151,7 +174,7 @@ def run_sweep(spec: SweepSpec, *, reporter: Any = None,
             cell.status = "RUNNING"
             try:
                 summary = train(cell.config, reporter=reporter, parent_run_id=parent.run_id,
-                                extra_tags={tracking.TAG_SWEEP: spec.sweep_id(), tracking.TAG_CELL: cell.cell_id})
+                                extra_tags={tracking.TAG_SWEEP: sweep_id, tracking.TAG_CELL: cell.cell_id})
                 cell.run_id, cell.status = summary.run_id, "FINISHED"
             except KeyboardInterrupt:
                 cell.status = "KILLED"
@@ -175,7 +198,7 @@ def run_sweep(spec: SweepSpec, *, reporter: Any = None,
 
 
 def estimate_seconds_left(done: list[Cell], remaining: list[Cell]) -> float | None:
-    """Time left: each remaining cell costs what finished cells of the same strategy and size cost
+    """Time left: each remaining cell costs what finished cells of the same strategy, size and lr cost
     (cells differ tenfold between 5 images per class and all of them), else the same strategy's mean,
     else the mean of all finished cells."""
     if not done:
@@ -184,8 +207,8 @@ def estimate_seconds_left(done: list[Cell], remaining: list[Cell]) -> float | No
     total = 0.0
     for cell in remaining:
         cfg = cell.config
-        same = [c for c in done if (c.config.strategy, c.config.samples_per_class) == (cfg.strategy,
-                                                                                      cfg.samples_per_class)]
+        key = (cfg.strategy, cfg.samples_per_class, cfg.lr)
+        same = [c for c in done if (c.config.strategy, c.config.samples_per_class, c.config.lr) == key]
         same_strategy = [c for c in done if c.config.strategy == cfg.strategy]
         total += mean(same or same_strategy or done)
     return total
@@ -196,6 +219,7 @@ def _cells_csv(cells: list[Cell]) -> str:
 
     rows = [{"cell": c.index, "strategy": c.config.strategy, "seed": c.config.seed,
              "samples_per_class": "all" if c.config.samples_per_class is None else c.config.samples_per_class,
+             "lr": c.config.lr,
              "action": c.action, "status": c.status, "run_id": c.run_id or "", "seconds": round(c.seconds, 2)}
             for c in cells]
     return pd.DataFrame(rows).to_csv(index=False)

@@ -15,12 +15,8 @@ from .comparison import log_comparison_run
 from .logger import FitLogger, NullLogger
 from .runs import RunLogger, load_checkpoint, sweep_run, training_run
 from .signals import Interrupted, raise_pending, sigterm_as_interrupt, signals_deferred
-from .store import (CHECKPOINT_ARTIFACT, TAG_CELL, TAG_ERROR, TAG_EXPERIMENT, TAG_KIND, TAG_STALE_CHECKPOINT,
-                    TAG_SWEEP, TrackingError, check_store, experiment_id, resumable_run, retry_locked, run_exists,
-                    search_tagged, sweep_children, tag_equals, tagged, tracking_uri)
+from .store import (CHECKPOINT_ARTIFACT, TAG_CELL, TAG_DIVERGED_EPOCH, TAG_ERROR, TAG_EXPERIMENT, TAG_KIND,
+                    TAG_STALE_CHECKPOINT, TAG_SWEEP, TrackingError, check_store, experiment_id, resumable_run,
+                    retry_locked, run_exists, search_tagged, sweep_children, tag_equals, tagged, tracking_uri)
 
-__all__ = ["FitLogger", "NullLogger", "RunLogger", "load_checkpoint", "sweep_run", "training_run", "Interrupted",
-           "raise_pending", "sigterm_as_interrupt", "signals_deferred", "CHECKPOINT_ARTIFACT", "TAG_CELL", "TAG_ERROR",
-           "TAG_EXPERIMENT", "TAG_KIND", "TAG_STALE_CHECKPOINT", "TAG_SWEEP", "TrackingError", "check_store",
-           "experiment_id", "log_comparison_run", "resumable_run", "retry_locked", "run_exists", "search_tagged",
-           "sweep_children", "tag_equals", "tagged", "tracking_uri"]
+# The names imported above are this package's public face.

@@ -12,6 +12,7 @@ TAG_KIND = "tlexp.kind"
 TAG_ERROR = "tlexp.error"
 TAG_SWEEP = "tlexp.sweep_id"
 TAG_CELL = "tlexp.cell_id"
+TAG_DIVERGED_EPOCH = "tlexp.diverged_epoch"  # a run that ended FAILED on a non-finite loss, and when
 CHECKPOINT_ARTIFACT = "checkpoint/last.pt"
 TAG_STALE_CHECKPOINT = "tlexp.stale_checkpoint"  # set where the store could not delete a finished run's checkpoint
 
@@ -195,6 +196,10 @@ def resumable_run(run_id: str) -> Any:
     if status not in ("KILLED", "FAILED"):
         raise TrackingError(f"Run {run_id} is {status}: it is still training, or its process died without "
                             f"saving a checkpoint; only KILLED or FAILED runs can be resumed.")
+    diverged = run.data.tags.get(TAG_DIVERGED_EPOCH)
+    if diverged:  # same settings, same RNG state: it would diverge at the same epoch again
+        raise TrackingError(f"Run {run_id} diverged (non-finite loss) at epoch {diverged}; resumed with the same "
+                            f"settings it would diverge again, so start a new run with a smaller --lr.")
     return run
 
 
