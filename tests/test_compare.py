@@ -981,3 +981,16 @@ def test_runs_without_a_fingerprint_are_named_when_others_have_one(store, tmp_pa
     assert len(comparison.table) == 2  # the same folder perhaps, but nothing proves it
     assert any("1 run logged no data fingerprint (older tlexp): it is grouped by the --data string" in n
                for n in comparison.notes)
+
+
+def test_a_flipped_order_without_a_reliable_winner_is_not_a_new_verdict(store, tmp_path):
+    client, uri = store
+    eid = new_experiment(client, tmp_path)
+    noise = (0.10, -0.08, 0.0)  # large against the differences: no interval excludes 0
+    for seed, e in enumerate(noise):
+        log_fake_run(client, eid, strategy="transfer", seed=seed, lr=1e-3, val_acc=[0.6], test_acc=0.62 + e)
+        log_fake_run(client, eid, strategy="scratch", seed=seed, lr=1e-3, val_acc=[0.5], test_acc=0.60 - e)
+        log_fake_run(client, eid, strategy="scratch", seed=seed, lr=1e-2, val_acc=[0.7], test_acc=0.64 - e)
+    text = all_text(build(uri))
+    assert ("no strategy is reliably ahead (transfer ranks first); tuned, no strategy is reliably ahead (scratch "
+            "ranks first): tuning does not change the verdict, only the order.") in text
