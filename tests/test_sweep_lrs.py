@@ -68,7 +68,8 @@ def test_one_lr_in_lrs_is_the_same_study_as_lr_and_both_together_are_refused(sto
 
     both = plan_lines("--lr", "0.01", "--lrs", "1e-3,1e-2")
     assert both.exit_code == 2
-    assert both.output.strip() == "Error: Give either --lr (one learning rate) or --lrs (a learning-rate axis), not both."
+    assert both.output.strip() == ("Error: Give either --lr (one learning rate) or --lrs (a learning-rate axis), "
+                                   "not both.")
     bad = plan_lines("--lrs", "1e-3,fast")
     assert bad.exit_code == 2 and "--lrs takes numbers such as 1e-3, got 'fast'" in bad.output
     assert "0.01" in plan_lines("--lrs", "0.01").output

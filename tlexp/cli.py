@@ -238,6 +238,7 @@ def parse_strategies(option: str, value: str) -> list[str]:
 @app.command()
 @config_options()
 def train(
+    ctx: typer.Context,
     *,
     strategy: Annotated[str, typer.Option(help=_choice_help("One strategy or several comma-separated, each its "
                                                             "own run", Strategy))] = "transfer",
@@ -245,8 +246,9 @@ def train(
     samples_per_class: Annotated[str, typer.Option(help="Train on N images per class, or 'all'.")] = "all",
     train_fraction: Annotated[float, typer.Option(help="Train on this stratified fraction of the train split.")] = 1.0,
     run_name: Annotated[Optional[str], typer.Option(help="MLflow run name (default strategy-model-sSEED).")] = None,
-    resume: Annotated[Optional[str], typer.Option(help="Continue an interrupted run (its RUN_ID) from its "
-                                                       "last completed epoch.")] = None,
+    resume: Annotated[Optional[str], typer.Option(help="Continue an interrupted run (its RUN_ID, or the first 8+ "
+                                                       "characters of it) from its last completed epoch, with "
+                                                       "its own settings.")] = None,
     quiet: QuietOpt = False,
     options: dict[str, Any],
 ) -> None:
@@ -256,6 +258,14 @@ def train(
     with user_errors():
         reporter = _reporter(quiet)
         if resume is not None:
+            # A resumed run continues with the settings it logged; an option that would change it is refused,
+            # not ignored. (To train longer or at another lr, start a new run: its curve is then its own.)
+            changed = [f"--{name.replace('_', '-')}" for name in explicit_options(ctx)
+                       if name not in ("resume", "quiet")]
+            if changed:
+                raise ConfigError(f"--resume continues run {resume} with its own settings, so {', '.join(changed)} "
+                                  f"cannot be given with it; leave {'it' if len(changed) == 1 else 'them'} out, or "
+                                  f"start a new run.")
             summary = train_run(TrainConfig(), reporter=reporter, resume_run_id=resume)
             _print_summaries([summary])
             return

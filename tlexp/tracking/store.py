@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import time
 from typing import Any, Iterator
 
@@ -232,9 +233,37 @@ def run_exists(run_id: str) -> Any:
                             f"pass the id of a tlexp run (see `mlflow ui` or `tlexp compare`).") from exc
 
 
+MIN_RUN_ID_PREFIX = 8  # characters of a run id that name a run (git-style short ids)
+
+
+def find_run(run_id: str) -> Any:
+    """The run whose id is ``run_id``, or the only one whose id starts with it (at least 8 characters)."""
+    from mlflow.tracking import MlflowClient
+
+    if len(run_id) >= 32 or not re.fullmatch(r"[0-9a-fA-F]+", run_id):
+        return run_exists(run_id)  # a whole id (or not an id at all: then "not found")
+    if len(run_id) < MIN_RUN_ID_PREFIX:
+        raise TrackingError(f"Run id {run_id!r} is too short to name one run; give its first "
+                            f"{MIN_RUN_ID_PREFIX} characters or more.")
+    client = MlflowClient()
+    ids = _all_experiment_ids(client)
+    # Hex digits only (checked above), so the prefix cannot smuggle a LIKE wildcard or a quote in.
+    matches = client.search_runs(ids, filter_string=f"attributes.run_id LIKE '{run_id.lower()}%'",
+                                 max_results=11) if ids else []
+    if not matches:
+        return run_exists(run_id)
+    if len(matches) > 1:
+        listed = ", ".join(f"{r.info.run_id} ({r.info.run_name})" for r in matches[:10])
+        count = "more than 10" if len(matches) > 10 else str(len(matches))
+        raise TrackingError(f"Run id {run_id!r} is the start of {count} runs' ids ({listed}); give more of the id.")
+    return matches[0]
+
+
 def resumable_run(run_id: str) -> Any:
-    """The run ``run_id`` if it ended KILLED or FAILED (so ``--resume`` cannot log an epoch twice)."""
-    run = run_exists(run_id)
+    """The run ``run_id`` (or the only run whose id starts with it) if it ended KILLED or FAILED (so
+    ``--resume`` cannot log an epoch twice)."""
+    run = find_run(run_id)
+    run_id = run.info.run_id
     status = run.info.status
     if status == "FINISHED":
         raise TrackingError(f"Run {run_id} is FINISHED; only KILLED or FAILED runs can be resumed "
