@@ -36,3 +36,11 @@ def tiny_weights(path: Path, seed: int = 0) -> Path:
     torch.manual_seed(seed)
     torch.save(TinyCNN().state_dict(), path)
     return path
+
+
+def all_runs(uri: str | None = None) -> list:
+    """Every run of every active experiment in the store (the current one by default)."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    return client.search_runs([e.experiment_id for e in client.search_experiments()])

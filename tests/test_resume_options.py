@@ -9,24 +9,13 @@ import pytest
 from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
 
-from fake_store import new_store
+from helpers import all_runs
 from tlexp import experiment
 from tlexp.cli import app
 from tlexp.config import MAX_SEED, TrainConfig
 
 TINY = ["--model", "tinycnn", "--image-size", "12", "--samples-per-class", "4", "--epochs", "2",
         "--no-system-metrics", "--quiet"]
-
-
-@pytest.fixture()
-def store(tracking_uri, tmp_path) -> str:
-    new_store(tmp_path)
-    return tracking_uri
-
-
-def _runs() -> list:
-    client = MlflowClient()
-    return client.search_runs([e.experiment_id for e in client.search_experiments()])
 
 
 def _one_line(result) -> str:
@@ -55,7 +44,8 @@ def _killed_run(monkeypatch) -> str:
     return caught.value.run_id
 
 
-def test_resume_refuses_options_that_would_change_the_run_then_continues_from_a_prefix(store, monkeypatch):
+def test_resume_refuses_options_that_would_change_the_run_then_continues_from_a_prefix(schema_store,
+                                                                                        monkeypatch):
     run_id = _killed_run(monkeypatch)
     line = _one_line(CliRunner().invoke(app, ["train", "--resume", run_id, "--epochs", "3", "--lr", "0.5",
                                               "--experiment", "other", "--quiet"]))
@@ -68,10 +58,10 @@ def test_resume_refuses_options_that_would_change_the_run_then_continues_from_a_
     run = MlflowClient().get_run(run_id)
     assert run.info.status == "FINISHED" and run.data.params["epochs"] == "2"
     assert [m.step for m in MlflowClient().get_metric_history(run_id, "val_acc")] == [1, 2]
-    assert len(_runs()) == 1
+    assert len(all_runs()) == 1
 
 
-def test_an_ambiguous_or_too_short_run_id_prefix_is_one_line(store, tmp_path):
+def test_an_ambiguous_or_too_short_run_id_prefix_is_one_line(schema_store, tmp_path):
     client = MlflowClient()
     eid = client.create_experiment("tl-vs-scratch")
     ids = [client.create_run(eid, run_name=f"r{i}").info.run_id for i in range(2)]
@@ -94,22 +84,22 @@ def test_an_ambiguous_or_too_short_run_id_prefix_is_one_line(store, tmp_path):
 
 @pytest.mark.parametrize("option, value", [("--seed", "99999999999999999999"), ("--seed", "18446744073709551615"),
                                            ("--seed", "-1"), ("--split-seed", "18446744073709551615")])
-def test_seeds_beyond_what_torch_takes_are_one_line_and_leave_no_run(option, value, store):
+def test_seeds_beyond_what_torch_takes_are_one_line_and_leave_no_run(option, value, schema_store):
     line = _one_line(CliRunner().invoke(app, ["train", "--strategy", "scratch", *TINY, option, value]))
     assert f"{option} must be between 0 and {MAX_SEED}, got {value}." in line
-    assert not _runs()
+    assert not all_runs()
     line = _one_line(CliRunner().invoke(app, ["sweep", "--strategies", "scratch", "--seeds", f"0,{value}"
                                               if option == "--seed" else "0", *TINY,
                                               *([option, value] if option != "--seed" else [])]))
-    assert "must be between 0 and" in line and not _runs()
+    assert "must be between 0 and" in line and not all_runs()
 
 
-def test_the_largest_seed_trains(store):
+def test_the_largest_seed_trains(schema_store):
     """MAX_SEED itself is accepted, and fit's derived seeds (seed + 10_000) do not overflow."""
     result = CliRunner().invoke(app, ["train", "--strategy", "scratch", *TINY, "--seed", str(MAX_SEED)])
     assert result.exit_code == 0, result.output
 
 
-def test_duplicate_strategies_are_refused(store):
+def test_duplicate_strategies_are_refused(schema_store):
     line = _one_line(CliRunner().invoke(app, ["train", "--strategy", "scratch,scratch", *TINY]))
-    assert "lists a strategy twice" in line and not _runs()
+    assert "lists a strategy twice" in line and not all_runs()
