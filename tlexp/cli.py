@@ -10,6 +10,7 @@ import dataclasses
 import functools
 import inspect
 import os
+import shlex
 import sys
 from contextlib import contextmanager
 from enum import Enum
@@ -109,11 +110,13 @@ def interrupted_message(exc: BaseException) -> str:
     run_id, epoch = getattr(exc, "run_id", None), getattr(exc, "epoch", None)
     if run_id is None:
         return "Interrupted while no run was open: no run was left unfinished."
+    if getattr(exc, "finished", False):
+        return f"Interrupted: run {run_id} had finished its final evaluation and logging first; it is FINISHED."
     if epoch is None:
         return (f"Interrupted: run {run_id} was marked KILLED before its first epoch ended, so there is "
                 f"nothing to resume; start it again.")
     return (f"Interrupted: run {run_id} was marked KILLED and epoch {epoch} (the last completed) saved; "
-            f"continue it with `tlexp train --resume {run_id}`.")
+            f"continue it with `tlexp train --resume {shlex.quote(run_id)}`.")
 
 
 def torch_oom_types() -> tuple[type[BaseException], ...]:
@@ -334,7 +337,8 @@ def sweep(
         result = run_sweep(spec, reporter=_reporter(quiet, prefix="  "),
                            on_cell=lambda cell, n, eta: console.print(_cell_line(cell, n, eta), soft_wrap=True))
         _print_plan(result.cells, title=f"sweep finished (parent run {result.parent_run_id})")
-        Console().print(f"Compare: `tlexp compare --experiment {experiment}`  |  UI: `mlflow ui`", soft_wrap=True)
+        Console().print(f"Compare: `tlexp compare --experiment {shlex.quote(experiment)}`  |  UI: `mlflow ui`",
+                        soft_wrap=True, markup=False)
         if result.failed:
             typer.secho(f"Error: {len(result.failed)} cell(s) failed; their runs hold the traceback. Re-run the "
                         f"same command to retry only those.", err=True, fg=typer.colors.RED)
@@ -459,10 +463,10 @@ def _print_summaries(summaries: list) -> None:
     console.print(table)
     exp = summaries[0].config.experiment
     for s in summaries:
-        console.print(f"run id {s.run_id}  ({s.config.run_name})", soft_wrap=True)
+        console.print(f"run id {s.run_id}  ({s.config.run_name})", soft_wrap=True, markup=False)
     console.print(f"Tracking store: {tracking_uri()}", soft_wrap=True)
     console.print(f"Look at it: `mlflow ui` (then open http://127.0.0.1:5000) or "
-                  f"`tlexp compare --experiment {exp}`.", soft_wrap=True)
+                  f"`tlexp compare --experiment {shlex.quote(exp)}`.", soft_wrap=True, markup=False)
 
 
 def _short(n: float) -> str:

@@ -11,21 +11,24 @@ import math
 import platform
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from . import features as feature_cache
 from .config import ConfigError, TrainConfig
 from .console import Reporter, SilentReporter
-from .data import (EvalPreset, ImageData, Splits, TrainPreset, load_data, make_splits, split_manifest,
-                   subset_train)
+from .data import (EvalPreset, ImageData, Splits, TrainPreset, data_params, load_data, make_splits,
+                   small_class_warning, split_manifest, subset_train)
 from .engine import (DeviceSettings, confusion_matrix, evaluate, iterate_batches, resolve_device,
                      resolve_precision, train_one_epoch)
 from .models import Classifier, build_model, count_parameters, get_spec
 from .strategies import apply_strategy, get_strategy, thaw
 
-_ANNOUNCED: set[tuple[str, int]] = set()
+if TYPE_CHECKING:
+    from .tracking import FitLogger
+
+_ANNOUNCED: set[tuple[str, int | str]] = set()  # what this process already told the user
 EPOCH_METRICS = ("train_loss", "train_acc", "val_loss", "val_acc", "epoch_time_s", "lr", "train_samples_per_s")
 
 
@@ -74,10 +77,17 @@ def prepare(config: TrainConfig, *, reporter: Reporter | None = None, data: Imag
             reporter.stage(f"loading {config.data} at {config.image_size}px (decoded once, then cached)")
         data = load_data(config.data, image_size=config.image_size, cache_dir=_cache_dir(config),
                          num_workers=config.num_workers)
-    splits = make_splits(data, val_fraction=config.val_fraction, seed=config.seed)
+    # Val and test are fixed by split_seed (the same test images for every run of a study); --seed moves
+    # only which training images a --samples-per-class / --train-fraction subset keeps.
+    splits = make_splits(data, val_fraction=config.val_fraction, test_fraction=config.test_fraction,
+                         split_seed=config.split_seed)
+    warning = small_class_warning(splits)
+    if warning and (data.cache_key, "small-classes") not in _ANNOUNCED:
+        _ANNOUNCED.add((data.cache_key, "small-classes"))
+        reporter.stage(warning)
     train = subset_train(splits.train, data.labels, data.classes, samples_per_class=config.samples_per_class,
                          train_fraction=config.train_fraction, seed=config.seed)
-    splits = Splits(train=train, val=splits.val, test=splits.test)
+    splits = splits.replace_train(train)
 
     torch.manual_seed(config.seed)  # head init (and the whole net for scratch) depends on the seed only
     model = build_model(config.model, num_classes=data.num_classes, pretrained=strategy.pretrained,
@@ -133,9 +143,9 @@ def run_params(prep: Prepared) -> dict[str, Any]:
     cfg = prep.config
     params: dict[str, Any] = dict(cfg.to_params())
     params.update(prep.splits.sizes())
+    params.update(data_params(prep.data, prep.splits))
     params.update({
         "num_classes": prep.data.num_classes,
-        "skipped_files": len(prep.data.skipped),
         "device_resolved": str(prep.settings.device),
         "amp_dtype": str(prep.settings.amp_dtype).replace("torch.", "") if prep.settings.amp_dtype else "fp32",
         "feature_cache_used": use_feature_cache(cfg),  # lpft: during its linear probe
@@ -193,9 +203,9 @@ def _log_data_artifacts(logger: Any, prep: Prepared) -> None:
         logger.log_text(skipped.to_csv(index=False), "data/skipped_files.csv")
 
 
-def fit(prep: Prepared, logger: Any, reporter: Reporter, checkpoint: dict | None) -> dict[str, Any]:
+def fit(prep: Prepared, logger: FitLogger, reporter: Reporter, checkpoint: dict | None) -> dict[str, Any]:
     """The epochs of one prepared run, then the final evaluation and results, written through ``logger``
-    (a ``tracking.RunLogger`` or any object with its methods: the benchmark passes one that logs nothing)."""
+    (a ``tracking.RunLogger``; ``tracking.NullLogger`` writes nothing). ``checkpoint``: resume from it."""
     cfg, model, settings, data, splits = prep.config, prep.model, prep.settings, prep.data, prep.splits
     strategy = get_strategy(cfg.strategy)
     switch_epoch = strategy.switch_epoch(cfg.lp_epochs)  # lpft: the first epoch that fine-tunes everything
@@ -214,6 +224,7 @@ def fit(prep: Prepared, logger: Any, reporter: Reporter, checkpoint: dict | None
     history: list[dict[str, float]] = []
     best = {"acc": -1.0, "epoch": 0, "state": None}
     start_epoch = 0
+    state: dict[str, Any] = {}  # the last kept checkpoint
     if checkpoint is not None:
         model.load_state_dict(checkpoint["model"])
         if switch_epoch is not None and int(checkpoint["epoch"]) >= switch_epoch:  # saved after the switch
@@ -221,11 +232,13 @@ def fit(prep: Prepared, logger: Any, reporter: Reporter, checkpoint: dict | None
         optimizer.load_state_dict(checkpoint["optimizer"])
         shuffle_gen.set_state(checkpoint["shuffle_gen"])
         augment_gen.set_state(checkpoint["augment_gen"])
-        torch.set_rng_state(checkpoint["torch_rng"])
+        restore_rng_states(checkpoint, settings)
         history = [dict(h) for h in checkpoint["history"]]
         best = {"acc": float(checkpoint["best_acc"]), "epoch": int(checkpoint["best_epoch"]),
                 "state": checkpoint["best_state"]}
         start_epoch = int(checkpoint["epoch"])
+        state = checkpoint
+        logger.keep_checkpoint(state)  # what the final steps record below goes into it
 
     cached = None
     # The frozen-backbone features are part of what transfer costs: their time is added to the first
@@ -281,23 +294,56 @@ def fit(prep: Prepared, logger: Any, reporter: Reporter, checkpoint: dict | None
             if va["acc"] > best["acc"]:
                 best = {"acc": va["acc"], "epoch": epoch, "state": _cpu_state(model)}
             # Copies: the next epoch updates the optimizer's moments in place before the checkpoint is saved.
-            logger.keep_checkpoint({
+            state = {
                 "epoch": epoch, "model": _cpu_state(model), "optimizer": _cpu_copy(optimizer.state_dict()),
                 "shuffle_gen": shuffle_gen.get_state(), "augment_gen": augment_gen.get_state(),
-                "torch_rng": torch.get_rng_state(), "history": [dict(h) for h in history],
-                "best_acc": best["acc"], "best_epoch": best["epoch"], "best_state": best["state"]})
+                **rng_states(settings), "history": [dict(h) for h in history],
+                "best_acc": best["acc"], "best_epoch": best["epoch"], "best_state": best["state"]}
+            logger.keep_checkpoint(state)
     reporter.done()
 
-    model.load_state_dict(best["state"])
-    metrics = _summary_metrics(history, best, model)
-    results = {"val": _final_eval(prep, cached, "val")}
-    if splits.test is not None and len(splits.test):
-        results["test"] = _final_eval(prep, cached, "test")
-        metrics["test_acc"], metrics["test_loss"] = results["test"]["acc"], results["test"]["loss"]
-    metrics["train_samples_per_class"] = len(splits.train) / data.num_classes
-    logger.log_metrics(metrics, step=0, synchronous=True)
-    _log_results(logger, prep, history, results)
+    # A signal during the final evaluation and logging waits for their end (the run then ends FINISHED
+    # with one whole model). A second one acts at once: the checkpoint then says what was already
+    # logged, so that --resume logs the rest and nothing twice.
+    with logger.finishing():
+        logged = set(state.get("final_logged", []))
+
+        def done(step: str) -> None:
+            logged.add(step)
+            logger.keep_checkpoint({**state, "final_logged": sorted(logged)})
+
+        model.load_state_dict(best["state"])
+        metrics = _summary_metrics(history, best, model)
+        results = {"val": _final_eval(prep, cached, "val")}
+        if splits.test is not None and len(splits.test):
+            results["test"] = _final_eval(prep, cached, "test")
+            metrics["test_acc"], metrics["test_loss"] = results["test"]["acc"], results["test"]["loss"]
+        metrics["train_samples_per_class"] = len(splits.train) / data.num_classes
+        if "summary" not in logged:
+            logger.log_metrics(metrics, step=0, synchronous=True)
+            done("summary")
+        _log_results(logger, prep, history, results)  # artifacts: logging one again replaces it
+        if "model" not in logged:
+            _log_model(logger, prep)
+            done("model")
     return {"metrics": metrics, "history": history}
+
+
+def rng_states(settings: DeviceSettings) -> dict[str, Any]:
+    """The global random states a resumed run must continue (dropout draws from them): the CPU's, and
+    on CUDA every device's, so that a resumed GPU run draws what the uninterrupted one would have."""
+    out: dict[str, Any] = {"torch_rng": torch.get_rng_state()}
+    if settings.device.type == "cuda":
+        out["cuda_rng"] = torch.cuda.get_rng_state_all()
+    return out
+
+
+def restore_rng_states(checkpoint: dict[str, Any], settings: DeviceSettings) -> None:
+    """Undo ``rng_states``. A run resumed on another kind of device draws another stream anyway."""
+    torch.set_rng_state(checkpoint["torch_rng"])
+    if "cuda_rng" in checkpoint and settings.device.type == "cuda":
+        for index, cuda_state in enumerate(checkpoint["cuda_rng"][:torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(cuda_state, index)
 
 
 class Diverged(ConfigError):
@@ -382,7 +428,7 @@ def _summary_metrics(history: list[dict[str, float]], best: dict, model: Classif
     }
 
 
-def _log_results(logger: Any, prep: Prepared, history: list[dict[str, float]], results: dict[str, Any]) -> None:
+def _log_results(logger: FitLogger, prep: Prepared, history: list[dict[str, float]], results: dict[str, Any]) -> None:
     import pandas as pd
 
     from .plots import confusion_figure
@@ -391,15 +437,20 @@ def _log_results(logger: Any, prep: Prepared, history: list[dict[str, float]], r
     classes = prep.data.classes
     for split, res in results.items():
         cm = confusion_matrix(res["pred"], res["target"], len(classes))
+        support = cm.sum(1).tolist()
+        # A class with no image in this split was not measured: "n/a", not an accuracy of 0.
         per_class = pd.DataFrame({
-            "class": classes, "support": cm.sum(1).tolist(), "correct": cm.diag().tolist(),
-            "accuracy": (cm.diag().float() / cm.sum(1).clamp(min=1).float()).tolist()})
+            "class": classes, "support": support, "correct": cm.diag().tolist(),
+            "accuracy": [c / s if s else "n/a" for c, s in zip(cm.diag().tolist(), support)]})
         logger.log_text(per_class.to_csv(index=False), f"eval/per_class_accuracy_{split}.csv")
         logger.log_figure(confusion_figure(cm.numpy(), classes, title=f"Confusion matrix ({split})"),
                           f"eval/confusion_matrix_{split}.png")
     logger.log_dict({"classes": classes}, "model_classes.json")
+
+
+def _log_model(logger: FitLogger, prep: Prepared) -> None:
     model = copy.deepcopy(prep.model).to("cpu").to(memory_format=torch.contiguous_format).eval()
     # Batch of 2: an example of batch size 1 freezes the exported (pt2) model to batch size 1.
     example = (prep.data.images[prep.splits.val[:2]].float() / 255.0).numpy()
-    logger.log_model(model, input_example=example, class_names=classes)
+    logger.log_model(model, input_example=example, class_names=prep.data.classes)
 

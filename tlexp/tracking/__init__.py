@@ -11,14 +11,13 @@ Under ``mlflow run`` the entry point logs into the run MLflow created
 that ``tlexp compare`` searches for.
 """
 
+from .comparison import log_comparison_run
+from .logger import FitLogger, NullLogger
 from .runs import RunLogger, load_checkpoint, sweep_run, training_run
 from .signals import Interrupted, raise_pending, sigterm_as_interrupt, signals_deferred
 from .store import (CHECKPOINT_ARTIFACT, TAG_CELL, TAG_DIVERGED_EPOCH, TAG_ERROR, TAG_EXPERIMENT, TAG_KIND,
-                    TAG_SWEEP, TrackingError, check_store, experiment_id, find_run, quick_http, resumable_run,
-                    retry_locked, run_exists, sqlite_path, store_exists, sweep_children, tracking_uri, write_problem)
+                    TAG_STALE_CHECKPOINT, TAG_SWEEP, TrackingError, check_store, experiment_id, find_run, quick_http,
+                    resumable_run, retry_locked, run_exists, search_tagged, sqlite_path, store_exists, sweep_children,
+                    tag_equals, tagged, tracking_uri, write_problem)
 
-__all__ = ["RunLogger", "load_checkpoint", "sweep_run", "training_run", "Interrupted", "raise_pending",
-           "sigterm_as_interrupt", "signals_deferred", "CHECKPOINT_ARTIFACT", "TAG_CELL", "TAG_DIVERGED_EPOCH",
-           "TAG_ERROR", "TAG_EXPERIMENT", "TAG_KIND", "TAG_SWEEP", "TrackingError", "check_store", "experiment_id",
-           "find_run", "quick_http", "resumable_run", "retry_locked", "run_exists", "sqlite_path", "store_exists",
-           "sweep_children", "tracking_uri", "write_problem"]
+# The names imported above are this package's public face.

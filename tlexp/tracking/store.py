@@ -6,7 +6,7 @@ import contextlib
 import os
 import re
 import time
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 TAG_EXPERIMENT = "tlexp.experiment"
 TAG_KIND = "tlexp.kind"
@@ -15,6 +15,7 @@ TAG_SWEEP = "tlexp.sweep_id"
 TAG_CELL = "tlexp.cell_id"
 TAG_DIVERGED_EPOCH = "tlexp.diverged_epoch"  # a run that ended FAILED on a non-finite loss, and when
 CHECKPOINT_ARTIFACT = "checkpoint/last.pt"
+TAG_STALE_CHECKPOINT = "tlexp.stale_checkpoint"  # set where the store could not delete a finished run's checkpoint
 
 
 class TrackingError(RuntimeError):
@@ -284,6 +285,32 @@ def _all_experiment_ids(client: Any) -> list[str]:
     return [e.experiment_id for e in client.search_experiments(view_type=ViewType.ACTIVE_ONLY)]
 
 
+def tag_equals(key: str, value: str) -> str:
+    """A search-filter clause for "tag ``key`` equals ``value``", whatever quotes ``value`` holds.
+
+    MLflow's filter grammar has no escape character (3.17 rejects both ``\\'`` and ``''``): the value
+    goes in single quotes, or in double quotes when it holds a single quote. A value with both kinds
+    is matched with LIKE, each single quote as the one-character wildcard ``_``; that may match a few
+    other values too, so callers keep only the runs ``tagged`` exactly so.
+    """
+    if "'" not in value:
+        return f"tags.`{key}` = '{value}'"
+    if '"' not in value:
+        return f'tags.`{key}` = "{value}"'
+    return f"tags.`{key}` LIKE '{value.replace(chr(39), '_')}'"
+
+
+def tagged(runs: Iterable[Any], tags: dict[str, str]) -> list[Any]:
+    """The runs whose tags equal ``tags`` exactly (a search by ``tag_equals`` may return more)."""
+    return [run for run in runs if all(run.data.tags.get(k) == v for k, v in tags.items())]
+
+
+def search_tagged(client: Any, experiment_ids: list[str], tags: dict[str, str], **search: Any) -> list[Any]:
+    """``client.search_runs`` for the runs whose tags equal ``tags`` exactly (names with any quotes)."""
+    found = client.search_runs(experiment_ids, " and ".join(tag_equals(k, v) for k, v in tags.items()), **search)
+    return tagged(found, tags)
+
+
 def sweep_children(experiment: str, sweep_id: str) -> dict[str, list[tuple[str, str]]]:
     """cell id -> [(status, run id)] of the training runs an earlier run of this sweep left."""
     from mlflow.tracking import MlflowClient
@@ -295,10 +322,7 @@ def sweep_children(experiment: str, sweep_id: str) -> dict[str, list[tuple[str, 
     ids = _all_experiment_ids(client)
     if not ids:
         return out
-    runs = client.search_runs(ids, filter_string=f"tags.`{TAG_SWEEP}` = '{sweep_id}' and "
-                                                 f"tags.`{TAG_KIND}` = 'train' and "
-                                                 f"tags.`{TAG_EXPERIMENT}` = '{experiment}'",
-                              max_results=50000)
-    for run in runs:
+    tags = {TAG_SWEEP: sweep_id, TAG_KIND: "train", TAG_EXPERIMENT: experiment}
+    for run in search_tagged(client, ids, tags, max_results=50000):
         out.setdefault(run.data.tags.get(TAG_CELL, ""), []).append((run.info.status, run.info.run_id))
     return out
