@@ -69,7 +69,7 @@ class SweepSpec:
     def sweep_id(self, data_id: str | None = None) -> str:
         """Stable id of this study: the base settings (with the data by content) and the grid."""
         axes = {"strategy", "samples_per_class"} | ({"lr"} if self.lrs else set())
-        ident = self.base.identity(data_id=data_id or self.data_id())
+        ident = self.base.identity(data_id=data_id or self.data_id(), every_setting=True)
         base = {k: v for k, v in ident.items() if k not in axes}
         grid: dict[str, list] = {"strategies": list(self.strategies), "seeds": list(self.seeds),
                                  "samples_per_class": ["all" if n is None else n for n in self.samples_per_class]}
