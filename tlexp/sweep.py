@@ -176,8 +176,9 @@ def run_sweep(spec: SweepSpec, *, reporter: Any = None,
                 summary = train(cell.config, reporter=reporter, parent_run_id=parent.run_id,
                                 extra_tags={tracking.TAG_SWEEP: sweep_id, tracking.TAG_CELL: cell.cell_id})
                 cell.run_id, cell.status = summary.run_id, "FINISHED"
-            except KeyboardInterrupt:
-                cell.status = "KILLED"
+            except KeyboardInterrupt as exc:
+                # A signal deferred to the very end of a cell leaves its run FINISHED in the store.
+                cell.status = "FINISHED" if getattr(exc, "finished", False) else "KILLED"
                 raise
             except Exception as exc:  # noqa: BLE001 - one broken cell must not lose the rest of the study
                 # User mistakes were caught by preflight(); this is a fault. The child run is FAILED
