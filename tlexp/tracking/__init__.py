@@ -11,13 +11,16 @@ Under ``mlflow run`` the entry point logs into the run MLflow created
 that ``tlexp compare`` searches for.
 """
 
-from .runs import (RunLogger, load_checkpoint, sweep_run, training_run)
+from .datasets import SplitInput, log_datasets
+from .runs import (RunLogger, load_checkpoint, outer_run_id, sweep_run, training_run)
 from .signals import Interrupted, raise_pending, sigterm_as_interrupt, signals_deferred
 from .store import (CHECKPOINT_ARTIFACT, TAG_CELL, TAG_ERROR, TAG_EXPERIMENT, TAG_KIND, TAG_SWEEP, TrackingError,
-                    check_store, experiment_id, resumable_run, retry_locked, run_exists, sweep_children,
-                    tracking_uri)
+                    check_store, experiment_id, mark_model_training, resumable_run, retry_locked, run_exists,
+                    sweep_children, tracking_uri)
+from .ui import ui_hint
 
-__all__ = ["RunLogger", "load_checkpoint", "sweep_run", "training_run", "Interrupted", "raise_pending",
-           "sigterm_as_interrupt", "signals_deferred", "CHECKPOINT_ARTIFACT", "TAG_CELL", "TAG_ERROR",
-           "TAG_EXPERIMENT", "TAG_KIND", "TAG_SWEEP", "TrackingError", "check_store", "experiment_id",
-           "resumable_run", "retry_locked", "run_exists", "sweep_children", "tracking_uri"]
+__all__ = ["RunLogger", "load_checkpoint", "outer_run_id", "sweep_run", "training_run", "Interrupted",
+           "raise_pending", "sigterm_as_interrupt", "signals_deferred", "SplitInput", "log_datasets",
+           "CHECKPOINT_ARTIFACT", "TAG_CELL", "TAG_ERROR", "TAG_EXPERIMENT", "TAG_KIND", "TAG_SWEEP", "TrackingError",
+           "check_store", "experiment_id", "mark_model_training", "resumable_run", "retry_locked", "run_exists",
+           "sweep_children", "tracking_uri", "ui_hint"]
