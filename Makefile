@@ -1,10 +1,13 @@
 # make demo  -- set up .venv (if needed) and run the main job on the built-in offline data
 # make test  -- set up .venv (if needed) and run the whole test suite
+# make bench -- tlexp against the seed notebook's loop on $(DATA) (~5 min on a 2-core CPU)
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.tlexp-installed
 DEMO_EXPERIMENT ?= tl-vs-scratch
+# The benchmark's images (an ImageFolder tree): `make bench DATA=path/to/images`.
+DATA ?= ../shared/datasets/hymenoptera
 
 .PHONY: setup demo test bench clean
 
@@ -28,8 +31,9 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
+# tlexp against the seed notebook's loop on $(DATA) (benchmarks/README.md).
 bench: $(STAMP)
-	$(BIN)/python -m tlexp.bench
+	$(BIN)/python benchmarks/bench_train.py $(DATA)
 
 clean:
 	rm -rf reports mlruns mlartifacts .pytest_cache

@@ -13,7 +13,7 @@
 #
 # What it runs, each step time-boxed so that a failure still leaves the others' output in $OUT:
 #   1. `tlexp train` on digits with --device cuda (bf16 autocast and channels_last: the defaults there);
-#   2. `python -m tlexp.bench --device cuda` on hymenoptera (seed loop, tlexp, model only in fp32/bf16 x
+#   2. `benchmarks/bench_train.py --device cuda` on hymenoptera (seed loop, tlexp, model only in fp32/bf16 x
 #      contiguous/channels_last, tracking on/off), figures in $OUT/gpu.json;
 #   3. transfer with and without the feature cache, 3 seeds (accuracy), in $OUT/cache_accuracy.json;
 #   4. model-only throughput with --compile against without.
@@ -49,20 +49,21 @@ echo "exit ${PIPESTATUS[0]}" | tee -a "$LOG"
 
 step "2. benchmark on $DATA"
 # shellcheck disable=SC2086
-timeout 200 "$PY" -m tlexp.bench --device "$DEVICE" --data "$DATA" $BENCH_ARGS --json "$OUT/gpu.json" 2>&1 \
+timeout 200 "$PY" benchmarks/bench_train.py "$DATA" --device "$DEVICE" $BENCH_ARGS --json "$OUT/gpu.json" 2>&1 \
   | grep -v "INFO mlflow" | tee -a "$LOG"
 echo "exit ${PIPESTATUS[0]}" | tee -a "$LOG"
 
 step "3. feature cache on vs off: transfer, 3 seeds"
 # shellcheck disable=SC2086
-timeout 75 "$PY" -m tlexp.bench --device "$DEVICE" --data "$DATA" $ACCURACY_ARGS \
+timeout 75 "$PY" benchmarks/bench_train.py "$DATA" --device "$DEVICE" $ACCURACY_ARGS \
   --json "$OUT/cache_accuracy.json" 2>&1 | tee -a "$LOG"
 echo "exit ${PIPESTATUS[0]}" | tee -a "$LOG"
 
 step "4. model only, torch.compile vs eager"
 timeout 45 "$PY" - "$DEVICE" "$DATA" <<'EOF' 2>&1 | grep -v "^W[0-9]" | tee -a "$LOG"
 import sys, tempfile
-from tlexp.bench import _config, run_model_only
+sys.path.insert(0, "benchmarks")
+from bench_train import _config, run_model_only
 from tlexp.data import load_data
 device, root = sys.argv[1], sys.argv[2]
 cache = tempfile.mkdtemp()

@@ -36,3 +36,30 @@ def tiny_weights(path: Path, seed: int = 0) -> Path:
     torch.manual_seed(seed)
     torch.save(TinyCNN().state_dict(), path)
     return path
+
+
+def v2_reference(image, params: dict[str, float]):
+    """One uint8 image through torchvision.transforms.v2.functional with given parameters: what
+    ``TrainPreset.apply`` must compute for that image."""
+    from torchvision.transforms import v2
+
+    x = image.float() / 255.0
+    if params["flip"]:
+        x = v2.functional.horizontal_flip(x)
+    x = v2.functional.rotate(x, float(params["angle"]), interpolation=v2.InterpolationMode.NEAREST)
+    x = v2.functional.adjust_brightness(x, float(params["brightness"]))
+    x = v2.functional.adjust_contrast(x, float(params["contrast"]))
+    x = v2.functional.adjust_saturation(x, float(params["saturation"]))
+    return v2.functional.adjust_hue(x, float(params["hue"]))
+
+
+def assert_matches_v2(out, batch, params) -> None:
+    """Each augmented image in ``out`` equals ``v2_reference`` of its source image with its own parameters."""
+    import torch
+
+    for i in range(len(batch)):
+        ref = v2_reference(batch[i], {k: v[i].item() for k, v in params.items()})
+        off = (out[i] - ref).abs().amax(dim=0) > 1e-4
+        # Nearest-neighbour rotation may round a rare pixel exactly on a tie differently; nothing else differs.
+        assert off.float().mean() <= 0.001, f"image {i}: {int(off.sum())} pixels differ"
+        assert torch.allclose(out[i][:, ~off], ref[:, ~off], atol=1e-4)

@@ -44,3 +44,17 @@ def test_a_bad_choice_is_one_line_and_exit_2(args, needles):
     assert len(lines) == 1 and lines[0].startswith("Error: "), result.stderr
     for needle in needles:
         assert needle in lines[0]
+
+
+def test_importing_the_cli_loads_no_transforms_v2_and_no_benchmark():
+    """`tlexp --help` stays cheap, and the package holds no benchmark harness."""
+    import subprocess
+    import sys
+
+    code = ("import os, pkgutil, sys, tlexp, tlexp.cli, tlexp.data; "
+            "loaded = [m for m in sys.modules if m.startswith(('torchvision.transforms.v2', 'tlexp.bench', "
+            "'bench_', 'seed_loop', 'benchmarks'))]; "
+            "print(loaded, [m.name for m in pkgutil.iter_modules([os.path.dirname(tlexp.__file__)]) "
+            "if 'bench' in m.name])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[] []", out.stdout + out.stderr

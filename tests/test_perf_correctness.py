@@ -1,6 +1,6 @@
 """The fast paths compute what the plain ones would: caches, batched augmentation, frozen features.
 
-CPU, tiny data, seconds. Nothing here is timed: speed is measured by ``python -m tlexp.bench``.
+CPU, tiny data, seconds. Nothing here is timed: speed is measured by ``benchmarks/bench_train.py``.
 """
 
 from __future__ import annotations
@@ -11,13 +11,12 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import tiny_weights
+from helpers import assert_matches_v2, tiny_weights
 from tlexp import data as data_mod
-from tlexp import experiment
-from tlexp.bench import QuietLogger
+from tlexp import experiment, tracking
 from tlexp.config import TrainConfig
 from tlexp.console import SilentReporter
-from tlexp.data import TrainPreset, decode_image, load_data, v2_reference
+from tlexp.data import TrainPreset, decode_image, load_data
 from tlexp.engine import DeviceSettings, iterate_batches
 from tlexp.features import FeatureStore, view_params
 from tlexp.models import build_model
@@ -86,12 +85,7 @@ def test_train_preset_matches_torchvision_v2_per_sample(height, width, channels_
     inputs = batch.contiguous(memory_format=torch.channels_last) if channels_last else batch
     out = preset.apply(inputs, params)
     assert out.shape == batch.shape and out.dtype == torch.float32
-    for i in range(len(batch)):
-        ref = v2_reference(batch[i], {k: v[i].item() for k, v in params.items()})
-        off = (out[i] - ref).abs().amax(dim=0) > 1e-4
-        # Nearest-neighbour rotation may round a rare pixel exactly on a tie differently; nothing else differs.
-        assert off.float().mean() <= 0.001, f"image {i}: {int(off.sum())} pixels differ"
-        assert torch.allclose(out[i][:, ~off], ref[:, ~off], atol=1e-4)
+    assert_matches_v2(out, batch, params)
 
 
 def _recorded_draws(monkeypatch, config: TrainConfig) -> list[dict[str, torch.Tensor]]:
@@ -105,7 +99,7 @@ def _recorded_draws(monkeypatch, config: TrainConfig) -> list[dict[str, torch.Te
 
     monkeypatch.setattr(experiment, "TrainPreset", Recording)
     prep = experiment.prepare(config)
-    experiment.fit(prep, QuietLogger(), SilentReporter(), None)
+    experiment.fit(prep, tracking.NullLogger(), SilentReporter(), None)
     return draws
 
 
@@ -159,6 +153,33 @@ def test_cached_features_equal_the_backbone_on_the_same_augmented_input(tmp_path
     assert torch.equal(later[:, 1], cached[:, 2])
 
 
+def test_a_feature_store_holds_rows_only_for_the_images_runs_asked_for(tmp_path):
+    model = _frozen_tinycnn(tmp_path)
+    images = torch.randint(0, 256, (100, 3, 16, 16), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    store, preset = FeatureStore(num_images=100, views=2, seed=0), TrainPreset()
+    small = store.get_augmented(model.features, images, torch.tensor([3, 50, 7]), settings=CPU, batch_size=4,
+                                preset=preset)
+    store.get_clean(model.features, images, torch.tensor([10, 11]), settings=CPU, batch_size=4)
+    # A training split of 3 images costs 3 rows per view, not one per image of the dataset.
+    assert store.augmented.values.shape == (2, 3, model.num_features)
+    assert store.clean.values.shape == (2, model.num_features)
+    larger = store.get_augmented(model.features, images, torch.tensor([7, 99, 3, 50]), settings=CPU, batch_size=4,
+                                 preset=preset)  # a larger subset of the same split (the next size of a sweep)
+    assert store.augmented.values.shape == (2, 4, model.num_features)
+    assert torch.equal(larger[:, [2, 3, 0]], small)
+
+
+def test_only_the_latest_feature_store_is_kept():
+    from tlexp import features
+
+    features.clear()
+    first = features.feature_store(("data", "seed 0"), num_images=4, views=1, seed=0)
+    assert features.feature_store(("data", "seed 0"), num_images=4, views=1, seed=0) is first
+    features.feature_store(("data", "seed 1"), num_images=4, views=1, seed=1)
+    assert features.feature_store(("data", "seed 0"), num_images=4, views=1, seed=0) is not first  # it was dropped
+    features.clear()
+
+
 @pytest.mark.parametrize("feature_cache", ["on", "off"])
 def test_transfer_leaves_the_frozen_backbone_bit_identical(tmp_path, feature_cache):
     config = TrainConfig(strategy="transfer", model="tinycnn", weights=str(tiny_weights(tmp_path / "w.pt")),
@@ -168,7 +189,7 @@ def test_transfer_leaves_the_frozen_backbone_bit_identical(tmp_path, feature_cac
     body = {k: v.clone() for k, v in prep.model.body.state_dict().items()}
     head = {k: v.clone() for k, v in prep.model.head.state_dict().items()}
     assert any("running_mean" in k for k in body)  # BatchNorm statistics are part of what is checked
-    experiment.fit(prep, QuietLogger(), SilentReporter(), None)
+    experiment.fit(prep, tracking.NullLogger(), SilentReporter(), None)
     after = prep.model.body.state_dict()
     assert all(torch.equal(after[k], v) for k, v in body.items())
     assert not all(torch.equal(prep.model.head.state_dict()[k], v) for k, v in head.items())  # it did train
@@ -187,9 +208,12 @@ def test_batches_stay_where_the_images_are_and_keep_labels_aligned():
 
 # ------------------------------------------------------------------ the benchmark's seed loop
 @pytest.mark.parametrize("layout", [{"train": {"a": 4, "b": 3}, "val": {"a": 2, "b": 2}}, {"": {"a": 6, "b": 5}}])
-def test_benchmark_seed_loop_reads_exactly_tlexps_splits(tmp_path, layout):
+def test_benchmark_seed_loop_reads_exactly_tlexps_splits(tmp_path, layout, monkeypatch):
     from helpers import make_image_tree
-    from tlexp.bench import _seed_loaders
+
+    monkeypatch.syspath_prepend(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                             "benchmarks"))
+    from seed_loop import _seed_loaders
     from tlexp.data import make_splits
 
     root = make_image_tree(tmp_path / "imgs", layout)

@@ -112,3 +112,51 @@ def test_time_left_uses_cells_of_the_same_strategy_and_size(tmp_path):
     assert estimate_seconds_left(cells[:1], cells[1:]) == 3.0  # nothing like them yet: the overall mean
     assert estimate_seconds_left(cells, cells) == 33.0
     assert estimate_seconds_left(cells[:3], cells[3:]) == 2.0  # finetune's mean so far
+
+
+def test_preflight_prepares_each_strategy_and_each_seed_once_at_the_largest_size(tmp_path, monkeypatch):
+    prepared = []
+    monkeypatch.setattr(experiment, "prepare", lambda cfg, reporter=None: prepared.append(cfg))
+    from tlexp.sweep import preflight
+
+    spec = _spec(tmp_path, strategies=("scratch", "transfer", "finetune"), seeds=(0, 1), samples_per_class=(2, None, 4))
+    preflight(spec)
+    assert len(spec.cells()) == 18
+    assert {c.samples_per_class for c in prepared} == {4}  # a size fails only by being too large
+    assert {c.strategy for c in prepared} == {"scratch", "transfer", "finetune"}
+    assert {c.seed for c in prepared} == {0, 1}
+    assert len(prepared) == 4  # not one per cell
+    prepared.clear()
+    preflight(_spec(tmp_path, samples_per_class=(None,)))
+    assert [(c.strategy, c.samples_per_class) for c in prepared] == [("scratch", None), ("finetune", None)]
+
+
+def test_a_study_named_with_quotes_runs_resumes_and_prints_a_pasteable_hint(tracking_uri, tmp_path):
+    import shlex
+
+    name = "bob's \"big\" study"
+    args = ["sweep", "--experiment", name, "--strategies", "scratch", "--seeds", "0", "--samples-per-class", "2",
+            "--model", "tinycnn", "--image-size", "12", "--epochs", "1", "--quiet"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    (child,) = _runs("train")
+    assert child.data.tags["tlexp.experiment"] == name and child.info.status == "FINISHED"
+    hint = next(line for line in result.output.splitlines() if "tlexp compare" in line)
+    command = hint.split("`")[1]
+    assert shlex.split(command) == ["tlexp", "compare", "--experiment", name]
+    again = CliRunner().invoke(app, args + ["--dry-run"])  # the finished cell is found again by its tags
+    assert again.exit_code == 0 and "1 cells: 1 already finished, 0 to run." in again.output, again.output
+
+
+def test_tag_filters_match_exactly_whatever_quotes_a_value_holds(tracking_uri):
+    from tlexp import tracking
+
+    client = MlflowClient()
+    exp = client.create_experiment("quotes")
+    values = ["plain", "bob's study", 'say "hi"', "it's \"x\"", "it_s \"x\"", "back\\slash'", "50% café"]
+    for value in values:
+        client.create_run(exp, tags={"k": value})
+    for value in values:
+        found = tracking.search_tagged(client, [exp], {"k": value})
+        assert [r.data.tags["k"] for r in found] == [value]
+    assert tracking.tag_equals("k", "bob's") == "tags.`k` = \"bob's\""

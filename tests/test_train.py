@@ -89,7 +89,46 @@ def test_transfer_run_keeps_the_pretrained_body(tracking_uri, tmp_path):
     assert all(torch.equal(body[k], saved[k]) for k in body)  # BatchNorm statistics included
 
 
-def test_test_split_is_evaluated_on_the_best_weights(tracking_uri, tmp_path):
+def test_test_split_is_evaluated_on_the_best_weights(tmp_path, monkeypatch):
+    """A run whose best validation epoch is not its last reports the best epoch's test score."""
+    from tlexp import experiment, tracking
+    from tlexp.config import TrainConfig
+    from tlexp.console import SilentReporter
+    from tlexp.data import EvalPreset
+    from tlexp.engine import evaluate, iterate_batches
+
+    root = make_image_tree(tmp_path / "pets", {"train": {"cat": 6, "dog": 6}, "val": {"cat": 3, "dog": 3},
+                                               "test": {"cat": 3, "dog": 3}})
+    prep = experiment.prepare(TrainConfig(strategy="scratch", model="tinycnn", data=str(root), image_size=12,
+                                          epochs=3, lr=0.01, head="linear"))
+    scripted_val_acc = iter([0.9, 0.2, 0.5])  # epoch 1 is the best; the last is not
+
+    def scripted_evaluate(model, batches, **kwargs):
+        result = evaluate(model, batches, **kwargs)
+        return {**result, "acc": next(scripted_val_acc, result["acc"])}
+
+    monkeypatch.setattr(experiment, "evaluate", scripted_evaluate)
+    weights = {}  # epoch -> its weights, from its checkpoint
+
+    class Recording(tracking.NullLogger):
+        def keep_checkpoint(self, state):
+            weights[state["epoch"]] = state["model"]
+
+    metrics = experiment.fit(prep, Recording(), SilentReporter(), None)["metrics"]
+    assert metrics["best_epoch"] == 1 and sorted(weights) == [1, 2, 3]
+
+    def test_score(state):
+        prep.model.load_state_dict(state)
+        return evaluate(prep.model, iterate_batches(prep.data.images, prep.data.labels, prep.splits.test,
+                                                    batch_size=64, settings=prep.settings, transform=EvalPreset()),
+                        settings=prep.settings)
+
+    best, last = test_score(weights[1]), test_score(weights[3])
+    assert best["loss"] != pytest.approx(last["loss"])  # the two candidates can be told apart
+    assert metrics["test_loss"] == pytest.approx(best["loss"]) and metrics["test_acc"] == best["acc"]
+
+
+def test_a_test_folder_is_evaluated_and_logged(tracking_uri, tmp_path):
     root = make_image_tree(tmp_path / "pets", {"train": {"cat": 6, "dog": 6}, "val": {"cat": 3, "dog": 3},
                                                "test": {"cat": 3, "dog": 3}})
     _train("--strategy", "scratch", "--data", str(root), "--model", "tinycnn", "--image-size", "12",

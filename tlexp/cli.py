@@ -106,11 +106,13 @@ def interrupted_message(exc: BaseException) -> str:
     run_id, epoch = getattr(exc, "run_id", None), getattr(exc, "epoch", None)
     if run_id is None:
         return "Interrupted while no run was open: no run was left unfinished."
+    if getattr(exc, "finished", False):
+        return f"Interrupted: run {run_id} had finished its final evaluation and logging first; it is FINISHED."
     if epoch is None:
         return (f"Interrupted: run {run_id} was marked KILLED before its first epoch ended, so there is "
                 f"nothing to resume; start it again.")
     return (f"Interrupted: run {run_id} was marked KILLED and epoch {epoch} (the last completed) saved; "
-            f"continue it with `tlexp train --resume {run_id}`.")
+            f"continue it with `tlexp train --resume {shlex.quote(run_id)}`.")
 
 
 def torch_oom_types() -> tuple[type[BaseException], ...]:
@@ -281,27 +283,37 @@ def train(
 @app.command()
 @config_options(defaults={"epochs": 10})
 def sweep(
+    ctx: typer.Context,
     *,
     strategies: Annotated[str, typer.Option(help=_choice_help("Comma-separated strategies", Strategy))
                           ] = "scratch,transfer,finetune",
     seeds: Annotated[str, typer.Option(help="Comma-separated seeds (the spread over seeds is the noise).")] = "0,1,2",
     samples_per_class: Annotated[str, typer.Option(help="Comma-separated training-set sizes per class; "
                                                         "'all' = the whole train split.")] = "5,20,all",
+    lrs: Annotated[Optional[str], typer.Option(help="Comma-separated learning rates: a learning-rate axis, so "
+                                                    "each strategy is compared at its best lr on validation "
+                                                    "(instead of --lr).")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="List the cells and which would run; train nothing.")] = False,
     quiet: QuietOpt = False,
     options: dict[str, Any],
 ) -> None:
-    """Run a study: every strategy x seed x training-set size as nested runs under one parent run (resumable)."""
+    """Run a study: every strategy x seed x training-set size (x lr) as nested runs under one parent run
+    (resumable)."""
     from .sweep import SweepSpec, plan, run_sweep
 
     with user_errors(sweep=True):
         strategy_list = parse_strategies("--strategies", strategies)
         seed_list = [_parse_int("--seeds", v) for v in _split_list("--seeds", seeds)]
         sizes = [parse_samples_per_class(v) for v in _split_list("--samples-per-class", samples_per_class)]
+        lr_list = [] if lrs is None else [_parse_float("--lrs", v) for v in _split_list("--lrs", lrs)]
+        if lr_list and "lr" in explicit_options(ctx):
+            raise ConfigError("Give either --lr (one learning rate) or --lrs (a learning-rate axis), not both.")
+        if len(lr_list) == 1:  # one lr is no axis: the same study, and the same sweep id, as --lr
+            options, lr_list = {**options, "lr": lr_list[0]}, []
         base = config_from_options(options, strategy=strategy_list[0], seed=seed_list[0])
         experiment = base.experiment
         spec = SweepSpec(base=base, strategies=tuple(strategy_list), seeds=tuple(seed_list),
-                         samples_per_class=tuple(sizes)).validate()
+                         samples_per_class=tuple(sizes), lrs=tuple(lr_list)).validate()
         from rich.console import Console
 
         console = Console(stderr=True)
@@ -311,7 +323,8 @@ def sweep(
         result = run_sweep(spec, reporter=_reporter(quiet, prefix="  "),
                            on_cell=lambda cell, n, eta: console.print(_cell_line(cell, n, eta), soft_wrap=True))
         _print_plan(result.cells, title=f"sweep finished (parent run {result.parent_run_id})")
-        Console().print(f"Compare: `tlexp compare --experiment {shlex.quote(experiment)}`", soft_wrap=True)
+        Console().print(f"Compare: `tlexp compare --experiment {shlex.quote(experiment)}`", soft_wrap=True,
+                        markup=False)
         _print_ui_hint(run_id=result.parent_run_id)
         if result.failed:
             typer.secho(f"Error: {len(result.failed)} cell(s) failed; their runs hold the traceback. Re-run the "
@@ -351,11 +364,25 @@ def _parse_int(option: str, value: str) -> int:
         raise ConfigError(f"{option} takes integers, got {value!r}.") from None
 
 
+def _parse_float(option: str, value: str) -> float:
+    try:
+        return float(value)
+    except ValueError:
+        raise ConfigError(f"{option} takes numbers such as 1e-3, got {value!r}.") from None
+
+
+def explicit_options(ctx: typer.Context) -> list[str]:
+    """The command's parameters the user set (on the command line or through the environment), in order."""
+    # ParameterSource is an enum of Typer's bundled Click; its member names are the public contract.
+    return [name for name in ctx.params
+            if getattr(ctx.get_parameter_source(name), "name", "") in ("COMMANDLINE", "ENVIRONMENT")]
+
+
 def _cell_line(cell, n: int, eta: float | None) -> str:
     size = "all" if cell.config.samples_per_class is None else cell.config.samples_per_class
     left = f", about {_duration(eta)} left" if eta is not None else ""
     return (f"[bold]cell {cell.index}/{n}[/bold]: {cell.config.strategy}, seed {cell.config.seed}, "
-            f"{size} per class ({cell.action}{left})")
+            f"{size} per class, lr {cell.config.lr:g} ({cell.action}{left})")
 
 
 def _duration(seconds: float) -> str:
@@ -368,12 +395,12 @@ def _print_plan(cells: list, title: str = "sweep plan") -> None:
     from rich.table import Table
 
     table = Table(title=title)
-    for col in ("cell", "strategy", "seed", "per class", "action", "status", "run"):
+    for col in ("cell", "strategy", "seed", "per class", "lr", "action", "status", "run"):
         table.add_column(col, no_wrap=True)
     for c in cells:
         size = "all" if c.config.samples_per_class is None else str(c.config.samples_per_class)
-        table.add_row(str(c.index), c.config.strategy, str(c.config.seed), size, c.action, c.status,
-                      (c.run_id or "")[:12])
+        table.add_row(str(c.index), c.config.strategy, str(c.config.seed), size, f"{c.config.lr:g}", c.action,
+                      c.status, (c.run_id or "")[:12])
     console = Console()
     console.print(table)
     skipped = sum(c.action == "skip" for c in cells)
@@ -410,9 +437,9 @@ def _print_summaries(summaries: list) -> None:
     console.print(table)
     exp = summaries[0].config.experiment
     for s in summaries:
-        console.print(f"run id {s.run_id}  ({s.config.run_name})", soft_wrap=True)
+        console.print(f"run id {s.run_id}  ({s.config.run_name})", soft_wrap=True, markup=False)
     console.print(f"Tracking store: {tracking_uri()}", soft_wrap=True)
-    console.print(f"Compare: `tlexp compare --experiment {shlex.quote(exp)}`", soft_wrap=True)
+    console.print(f"Compare: `tlexp compare --experiment {shlex.quote(exp)}`", soft_wrap=True, markup=False)
     _print_ui_hint(run_id=summaries[-1].run_id)
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
 from dataclasses import dataclass
 from enum import Enum
@@ -68,6 +69,7 @@ NOT_IDENTITY = frozenset({"run_name", "device", "num_workers", "cache_dir", "exp
                           "compile", "system_metrics", "seed"})
 
 DEFAULT_EXPERIMENT = "tl-vs-scratch"
+MAX_SEED = 2**63 - 1  # --seed and --split-seed: what every torch generator accepts, offsets included
 # Photo folders use the seed notebook's 224 px; the 8x8 digits are upscaled
 # only as far as the model needs (EfficientNet downsamples 32x, so 32 px
 # leaves a 1x1 final feature map; 64 px keeps 2x2 and is still fast on a CPU).
@@ -186,6 +188,14 @@ class TrainConfig:
         _choice("feature cache", self.feature_cache, FeatureCache)
         if self.epochs < 1:
             raise ConfigError(f"--epochs must be at least 1, got {self.epochs}.")
+        for name in ("lr", "backbone_lr_mult", "val_fraction", "test_fraction", "train_fraction"):
+            if not math.isfinite(getattr(self, name)):  # `--lr inf` would pass `> 0` and diverge at once
+                raise ConfigError(f"--{name.replace('_', '-')} must be a finite number, got {getattr(self, name)}.")
+        for name in ("seed", "split_seed"):
+            # torch generators take 64-bit seeds; fit derives seed + 10_000, so the top half stays free.
+            if not 0 <= getattr(self, name) <= MAX_SEED:
+                raise ConfigError(f"--{name.replace('_', '-')} must be between 0 and {MAX_SEED}, "
+                                  f"got {getattr(self, name)}.")
         if not self.lr > 0:
             raise ConfigError(f"--lr must be greater than 0, got {self.lr}.")
         if not self.backbone_lr_mult > 0:
@@ -203,6 +213,9 @@ class TrainConfig:
                               f"{self.val_fraction} + {self.test_fraction}.")
         if self.lp_epochs < 1:
             raise ConfigError(f"--lp-epochs must be at least 1, got {self.lp_epochs}.")
+        if self.strategy == Strategy.LPFT.value and self.lp_epochs >= self.epochs:
+            raise ConfigError(f"lpft needs --lp-epochs below --epochs (epochs of linear probing, then the rest "
+                              f"fine-tunes), got --lp-epochs {self.lp_epochs} with --epochs {self.epochs}.")
         if not 0.0 < self.train_fraction <= 1.0:
             raise ConfigError(f"--train-fraction must be in (0, 1], got {self.train_fraction}.")
         if self.samples_per_class is not None and self.samples_per_class < 1:

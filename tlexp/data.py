@@ -24,7 +24,6 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torchvision.transforms import v2
 
 log = logging.getLogger(__name__)
 
@@ -483,14 +482,3 @@ def adjust_hue_(x: torch.Tensor, hue_factor: torch.Tensor) -> torch.Tensor:
         torch.sub(maxc, torch.minimum(k, 4.0 - k).clamp_(0.0, 1.0).mul_(cr), out=channel)
     return x
 
-
-def v2_reference(image: torch.Tensor, params: dict[str, float]) -> torch.Tensor:
-    """One image through torchvision.transforms.v2.functional with given parameters (for tests)."""
-    x = image.float() / 255.0
-    if params["flip"]:
-        x = v2.functional.horizontal_flip(x)
-    x = v2.functional.rotate(x, float(params["angle"]), interpolation=v2.InterpolationMode.NEAREST)
-    x = v2.functional.adjust_brightness(x, float(params["brightness"]))
-    x = v2.functional.adjust_contrast(x, float(params["contrast"]))
-    x = v2.functional.adjust_saturation(x, float(params["saturation"]))
-    return v2.functional.adjust_hue(x, float(params["hue"]))

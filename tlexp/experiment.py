@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import copy
 import os
+import math
 import platform
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -23,7 +24,10 @@ from .data import (EvalPreset, ImageData, Splits, TrainPreset, load_data, make_s
 from .engine import (DeviceSettings, confusion_matrix, evaluate, iterate_batches, resolve_device,
                      resolve_precision, train_one_epoch)
 from .models import Classifier, build_model, count_parameters, get_spec
-from .strategies import apply_strategy, get_strategy
+from .strategies import apply_strategy, get_strategy, thaw
+
+if TYPE_CHECKING:
+    from .tracking import FitLogger
 
 _ANNOUNCED: set[tuple[str, int]] = set()
 EPOCH_METRICS = ("train_loss", "train_acc", "val_loss", "val_acc", "epoch_time_s", "lr", "train_samples_per_s")
@@ -121,7 +125,8 @@ def _probe(model: Classifier, config: TrainConfig) -> None:
 
 
 def use_feature_cache(config: TrainConfig) -> bool:
-    return config.strategy == "transfer" and config.feature_cache != "off"
+    """Whether the run trains on frozen-body features (transfer throughout, lpft during its linear probe)."""
+    return config.strategy in ("transfer", "lpft") and config.feature_cache != "off"
 
 
 def run_params(prep: Prepared) -> dict[str, Any]:
@@ -137,7 +142,7 @@ def run_params(prep: Prepared) -> dict[str, Any]:
         "skipped_files": len(prep.data.skipped),
         "device_resolved": str(prep.settings.device),
         "amp_dtype": str(prep.settings.amp_dtype).replace("torch.", "") if prep.settings.amp_dtype else "fp32",
-        "feature_cache_used": use_feature_cache(cfg),
+        "feature_cache_used": use_feature_cache(cfg),  # lpft: during its linear probe
         "augmentation": "flip(0.5), rotation(15), color_jitter(0.2, 0.2, 0.2, 0.1)",
         "weights_source": get_spec(cfg.model).weights_source if cfg.weights is None else cfg.weights,
         "torch_version": torch.__version__,
@@ -145,6 +150,9 @@ def run_params(prep: Prepared) -> dict[str, Any]:
         "mlflow_version": mlflow.__version__,
         "python_version": platform.python_version(),
     })
+    switch = get_strategy(cfg.strategy).switch_epoch(cfg.lp_epochs)
+    if switch is not None:  # lpft: the first epoch that trains the whole network
+        params["lp_switch_epoch"] = switch
     return params
 
 
@@ -173,7 +181,11 @@ def train(config: TrainConfig, *, reporter: Reporter | None = None, data: ImageD
             _log_data_artifacts(logger, prep)
             tracking.log_datasets(logger.run_id, name=prep.data.name, source=_data_source(cfg.data),
                                   fingerprint=prep.data.fingerprint, splits=_split_inputs(prep))
-        summary = fit(prep, logger, reporter, checkpoint)
+        try:
+            summary = fit(prep, logger, reporter, checkpoint)
+        except Diverged as exc:  # recorded, so that --resume can say why continuing would diverge again
+            logger.set_tags({tracking.TAG_DIVERGED_EPOCH: str(exc.epoch)})
+            raise
     return RunSummary(run_id=logger.run_id, config=cfg, metrics=summary["metrics"], history=summary["history"])
 
 
@@ -207,10 +219,12 @@ def _log_data_artifacts(logger: Any, prep: Prepared) -> None:
         logger.log_text(skipped.to_csv(index=False), "data/skipped_files.csv")
 
 
-def fit(prep: Prepared, logger: Any, reporter: Reporter, checkpoint: dict | None) -> dict[str, Any]:
+def fit(prep: Prepared, logger: FitLogger, reporter: Reporter, checkpoint: dict | None) -> dict[str, Any]:
     """The epochs of one prepared run, then the final evaluation and results, written through ``logger``
-    (a ``tracking.RunLogger`` or any object with its methods: the benchmark passes one that logs nothing)."""
+    (a ``tracking.RunLogger``; ``tracking.NullLogger`` writes nothing). ``checkpoint``: resume from it."""
     cfg, model, settings, data, splits = prep.config, prep.model, prep.settings, prep.data, prep.splits
+    strategy = get_strategy(cfg.strategy)
+    switch_epoch = strategy.switch_epoch(cfg.lp_epochs)  # lpft: the first epoch that fine-tunes everything
     optimizer = torch.optim.Adam(prep.param_groups, lr=cfg.lr)
     scaler = torch.amp.GradScaler(settings.device.type) if settings.amp_dtype == torch.float16 else None
     shuffle_gen = torch.Generator().manual_seed(cfg.seed)
@@ -219,29 +233,34 @@ def fit(prep: Prepared, logger: Any, reporter: Reporter, checkpoint: dict | None
     # No cudnn.benchmark: on an H200, autotuning each new batch shape cost 10-40 s per run, more than all
     # of a small dataset's epochs. The plain path cuts its batches from the decoded uint8 images, on the
     # GPU when they fit there.
-    images = data.images if use_feature_cache(cfg) else settings.stage(data.images)
+    images = data.images if use_feature_cache(cfg) and switch_epoch is None else settings.stage(data.images)
     labels = data.labels
     step_model = torch.compile(model) if cfg.compile else model
 
     history: list[dict[str, float]] = []
     best = {"acc": -1.0, "epoch": 0, "state": None}
     start_epoch = 0
+    state: dict[str, Any] = {}  # the last kept checkpoint
     if checkpoint is not None:
         model.load_state_dict(checkpoint["model"])
+        if switch_epoch is not None and int(checkpoint["epoch"]) >= switch_epoch:  # saved after the switch
+            optimizer = _start_finetune(model, cfg)
         optimizer.load_state_dict(checkpoint["optimizer"])
         shuffle_gen.set_state(checkpoint["shuffle_gen"])
         augment_gen.set_state(checkpoint["augment_gen"])
-        torch.set_rng_state(checkpoint["torch_rng"])
+        restore_rng_states(checkpoint, settings)
         history = [dict(h) for h in checkpoint["history"]]
         best = {"acc": float(checkpoint["best_acc"]), "epoch": int(checkpoint["best_epoch"]),
                 "state": checkpoint["best_state"]}
         start_epoch = int(checkpoint["epoch"])
+        state = checkpoint
+        logger.keep_checkpoint(state)  # what the final steps record below goes into it
 
     cached = None
     # The frozen-backbone features are part of what transfer costs: their time is added to the first
     # epoch this process trains, so epoch times, totals and time-to-accuracy charts all include it.
     feature_cache_s = 0.0
-    if use_feature_cache(cfg):
+    if use_feature_cache(cfg) and strategy.body_frozen_in(start_epoch + 1, lp_epochs=cfg.lp_epochs):
         reporter.stage(f"computing frozen-backbone features once ({cfg.feature_cache_views} augmented views)")
         t0 = time.perf_counter()
         cached = _cached_features(prep, train_preset)
@@ -253,6 +272,11 @@ def fit(prep: Prepared, logger: Any, reporter: Reporter, checkpoint: dict | None
 
     for epoch in range(start_epoch + 1, cfg.epochs + 1):
         t0 = time.perf_counter()
+        if epoch == switch_epoch:
+            # The linear probe is over: the whole net trains from here, on images (the cached features of
+            # the frozen body no longer describe it), with a fresh Adam over finetune's groups.
+            reporter.stage(f"epoch {epoch}: linear probe done; fine-tuning the whole network")
+            optimizer, cached = _start_finetune(model, cfg), None
         n_batches = -(-len(splits.train) // cfg.batch_size)
         reporter.epoch_start(epoch, cfg.epochs, n_batches)
         on_batch = lambda n, stats: reporter.batch(stats)  # noqa: E731
@@ -273,6 +297,7 @@ def fit(prep: Prepared, logger: Any, reporter: Reporter, checkpoint: dict | None
             tr = train_one_epoch(step_model, batches, optimizer, settings=settings, scaler=scaler, on_batch=on_batch)
             va = evaluate(step_model, iterate_batches(images, labels, splits.val, batch_size=cfg.eval_batch_size,
                                                       settings=settings, transform=eval_preset), settings=settings)
+        _check_finite(epoch, tr, va, cfg, logger)
         row = {"epoch": epoch, "train_loss": tr["loss"], "train_acc": tr["acc"], "val_loss": va["loss"],
                "val_acc": va["acc"],
                "epoch_time_s": time.perf_counter() - t0 + (feature_cache_s if epoch == start_epoch + 1 else 0.0),
@@ -285,23 +310,83 @@ def fit(prep: Prepared, logger: Any, reporter: Reporter, checkpoint: dict | None
             if va["acc"] > best["acc"]:
                 best = {"acc": va["acc"], "epoch": epoch, "state": _cpu_state(model)}
             # Copies: the next epoch updates the optimizer's moments in place before the checkpoint is saved.
-            logger.keep_checkpoint({
+            state = {
                 "epoch": epoch, "model": _cpu_state(model), "optimizer": _cpu_copy(optimizer.state_dict()),
                 "shuffle_gen": shuffle_gen.get_state(), "augment_gen": augment_gen.get_state(),
-                "torch_rng": torch.get_rng_state(), "history": [dict(h) for h in history],
-                "best_acc": best["acc"], "best_epoch": best["epoch"], "best_state": best["state"]})
+                **rng_states(settings), "history": [dict(h) for h in history],
+                "best_acc": best["acc"], "best_epoch": best["epoch"], "best_state": best["state"]}
+            logger.keep_checkpoint(state)
     reporter.done()
 
-    model.load_state_dict(best["state"])
-    metrics = _summary_metrics(history, best, model)
-    results = {"val": _final_eval(prep, cached, "val")}
-    if splits.test is not None and len(splits.test):
-        results["test"] = _final_eval(prep, cached, "test")
-        metrics["test_acc"], metrics["test_loss"] = results["test"]["acc"], results["test"]["loss"]
-    metrics["train_samples_per_class"] = len(splits.train) / data.num_classes
-    logger.log_metrics(metrics, step=0, synchronous=True)
-    _log_results(logger, prep, history, results)
+    # A signal during the final evaluation and logging waits for their end (the run then ends FINISHED
+    # with one whole model). A second one acts at once: the checkpoint then says what was already
+    # logged, so that --resume logs the rest and nothing twice.
+    with logger.finishing():
+        logged = set(state.get("final_logged", []))
+
+        def done(step: str) -> None:
+            logged.add(step)
+            logger.keep_checkpoint({**state, "final_logged": sorted(logged)})
+
+        model.load_state_dict(best["state"])
+        metrics = _summary_metrics(history, best, model)
+        results = {"val": _final_eval(prep, cached, "val")}
+        if splits.test is not None and len(splits.test):
+            results["test"] = _final_eval(prep, cached, "test")
+            metrics["test_acc"], metrics["test_loss"] = results["test"]["acc"], results["test"]["loss"]
+        metrics["train_samples_per_class"] = len(splits.train) / data.num_classes
+        if "summary" not in logged:
+            logger.log_metrics(metrics, step=0, synchronous=True)
+            done("summary")
+        _log_results(logger, prep, history, results)  # artifacts: logging one again replaces it
+        if "model" not in logged:
+            _log_model(logger, prep)
+            done("model")
     return {"metrics": metrics, "history": history}
+
+
+def rng_states(settings: DeviceSettings) -> dict[str, Any]:
+    """The global random states a resumed run must continue (dropout draws from them): the CPU's, and
+    on CUDA every device's, so that a resumed GPU run draws what the uninterrupted one would have."""
+    out: dict[str, Any] = {"torch_rng": torch.get_rng_state()}
+    if settings.device.type == "cuda":
+        out["cuda_rng"] = torch.cuda.get_rng_state_all()
+    return out
+
+
+def restore_rng_states(checkpoint: dict[str, Any], settings: DeviceSettings) -> None:
+    """Undo ``rng_states``. A run resumed on another kind of device draws another stream anyway."""
+    torch.set_rng_state(checkpoint["torch_rng"])
+    if "cuda_rng" in checkpoint and settings.device.type == "cuda":
+        for index, cuda_state in enumerate(checkpoint["cuda_rng"][:torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(cuda_state, index)
+
+
+class Diverged(ConfigError):
+    """Training produced a non-finite loss: the run is FAILED; the last finite epoch's checkpoint is kept."""
+
+    def __init__(self, message: str, *, epoch: int) -> None:
+        super().__init__(message)
+        self.epoch = epoch
+
+
+def _check_finite(epoch: int, tr: dict[str, Any], va: dict[str, Any], cfg: TrainConfig, logger: Any) -> None:
+    """Divergence is a failure, not a result: NaN logits predict class 0 and would score chance accuracy.
+
+    The epoch's losses are host floats already (one sync per epoch), so this costs nothing per batch.
+    """
+    for split, loss in (("training", tr["loss"]), ("validation", va["loss"])):
+        if not math.isfinite(loss):
+            kept = f"epoch {epoch - 1}'s checkpoint is kept" if epoch > 1 else "no epoch had finished"
+            run = getattr(logger, "run_id", None)
+            raise Diverged(f"Training diverged at epoch {epoch}: the {split} loss is {loss}"
+                           f"{f'; run {run} was marked FAILED' if run else ''} ({kept}); train again with "
+                           f"a smaller --lr than {cfg.lr:g}.", epoch=epoch)
+
+
+def _start_finetune(model: Classifier, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """lpft's second phase: the body thawed, a fresh Adam over finetune's groups (body at lr x mult)."""
+    return torch.optim.Adam(thaw(model, lr=cfg.lr, backbone_lr_mult=cfg.backbone_lr_mult), lr=cfg.lr)
 
 
 def _cached_features(prep: Prepared, preset: TrainPreset) -> dict[str, torch.Tensor]:
@@ -359,7 +444,7 @@ def _summary_metrics(history: list[dict[str, float]], best: dict, model: Classif
     }
 
 
-def _log_results(logger: Any, prep: Prepared, history: list[dict[str, float]], results: dict[str, Any]) -> None:
+def _log_results(logger: FitLogger, prep: Prepared, history: list[dict[str, float]], results: dict[str, Any]) -> None:
     import pandas as pd
 
     from .plots import confusion_figure
@@ -375,8 +460,11 @@ def _log_results(logger: Any, prep: Prepared, history: list[dict[str, float]], r
         logger.log_figure(confusion_figure(cm.numpy(), classes, title=f"Confusion matrix ({split})"),
                           f"eval/confusion_matrix_{split}.png")
     logger.log_dict({"classes": classes}, "model_classes.json")
+
+
+def _log_model(logger: FitLogger, prep: Prepared) -> None:
     model = copy.deepcopy(prep.model).to("cpu").to(memory_format=torch.contiguous_format).eval()
     # Batch of 2: an example of batch size 1 freezes the exported (pt2) model to batch size 1.
     example = (prep.data.images[prep.splits.val[:2]].float() / 255.0).numpy()
-    logger.log_model(model, input_example=example, class_names=classes)
+    logger.log_model(model, input_example=example, class_names=prep.data.classes)
 

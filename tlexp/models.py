@@ -81,6 +81,12 @@ class Classifier(nn.Module):
         self.body.requires_grad_(False)
         self.body.eval()
 
+    def unfreeze_body(self) -> None:
+        """Undo ``freeze_body``: gradients on, and BatchNorm follows the model's train/eval mode again."""
+        self.body_frozen = False
+        self.body.requires_grad_(True)
+        self.body.train(self.training)
+
     def train(self, mode: bool = True) -> "Classifier":
         # model.train() would put frozen BatchNorm layers back into training mode, where
         # every forward pass updates running_mean/var -- the seed notebook's bug.

@@ -1,4 +1,5 @@
-"""A whole study -- strategies x seeds x training-set sizes -- as one parent run with nested children.
+"""A whole study -- strategies x seeds x training-set sizes (x learning rates) -- as one parent run with
+nested children.
 
 Each child is an ordinary ``tlexp train`` run (same logging contract), so
 ``tlexp compare`` and the MLflow UI's compare view work on them. The sweep is
@@ -26,6 +27,9 @@ class SweepSpec:
     strategies: tuple[str, ...]
     seeds: tuple[int, ...]
     samples_per_class: tuple[int | None, ...]  # None = the whole train split
+    # The learning-rate axis (`--lrs`): each strategy is then compared at its own best lr on validation.
+    # Empty = the base config's single lr, as a sweep without --lrs.
+    lrs: tuple[float, ...] = ()
 
     def validate(self) -> "SweepSpec":
         if not self.strategies:
@@ -35,7 +39,7 @@ class SweepSpec:
         if not self.samples_per_class:
             raise ConfigError("--samples-per-class is empty; give sizes such as 5,20,all.")
         for name, values in (("strategies", self.strategies), ("seeds", self.seeds),
-                             ("samples-per-class", self.samples_per_class)):
+                             ("samples-per-class", self.samples_per_class), ("lrs", self.lrs)):
             if len(set(values)) != len(values):
                 raise ConfigError(f"--{name} lists a value twice: {','.join(map(str, values))}.")
         for cfg in self.cells():
@@ -43,26 +47,33 @@ class SweepSpec:
         return self
 
     def cells(self) -> list[TrainConfig]:
-        """Every cell's config, ordered so strategy-independent work is reused (seed, size, strategy)."""
+        """Every cell's config, ordered so strategy-independent work is reused (seed, size, lr, strategy)."""
         out = []
         for seed in self.seeds:
             for n in self.samples_per_class:
-                for strategy in self.strategies:
-                    cfg = self.base.replace(strategy=strategy, seed=seed, samples_per_class=n, run_name=None)
-                    out.append(cfg.resolve())
+                for lr in self.lrs or (self.base.lr,):
+                    for strategy in self.strategies:
+                        cfg = self.base.replace(strategy=strategy, seed=seed, samples_per_class=n, lr=lr,
+                                                run_name=None)
+                        out.append(cfg.resolve())
         return out
 
     def sweep_id(self) -> str:
         """Stable id of this study: the base settings and the grid."""
-        base = {k: v for k, v in self.base.identity().items() if k not in {"strategy", "samples_per_class"}}
-        grid = {"strategies": list(self.strategies), "seeds": list(self.seeds),
-                "samples_per_class": ["all" if n is None else n for n in self.samples_per_class]}
+        axes = {"strategy", "samples_per_class"} | ({"lr"} if self.lrs else set())
+        base = {k: v for k, v in self.base.identity().items() if k not in axes}
+        grid: dict[str, list] = {"strategies": list(self.strategies), "seeds": list(self.seeds),
+                                 "samples_per_class": ["all" if n is None else n for n in self.samples_per_class]}
+        if self.lrs:  # absent without --lrs, so a study started before the lr axis keeps its id
+            grid["lrs"] = list(self.lrs)
         return digest({"base": base, "grid": grid})
 
     def grid_params(self) -> dict[str, str]:
         return {"sweep_strategies": ",".join(self.strategies), "sweep_seeds": ",".join(map(str, self.seeds)),
                 "sweep_samples_per_class": ",".join("all" if n is None else str(n) for n in self.samples_per_class),
-                "sweep_cells": str(len(self.strategies) * len(self.seeds) * len(self.samples_per_class))}
+                "sweep_lrs": ",".join(f"{lr:g}" for lr in self.lrs or (self.base.lr,)),
+                "sweep_cells": str(len(self.strategies) * len(self.seeds) * len(self.samples_per_class)
+                                   * len(self.lrs or (self.base.lr,)))}
 
 
 def cell_id(cfg: TrainConfig) -> str:
@@ -109,18 +120,22 @@ def plan(spec: SweepSpec) -> list[Cell]:
 
 
 def preflight(spec: SweepSpec, reporter: Any = None) -> None:
-    """Fail before any training: every cell's data subset and one model per strategy must be buildable."""
+    """Fail before any training: every strategy's model and every seed's data subset must be buildable.
+
+    As few cells are prepared as cover every check ``prepare`` makes: each strategy's model once, and
+    each seed's split at the largest numbered size (a size fails only by being larger than a class;
+    where it fits, every smaller size and 'all' fit too).
+    """
     from .experiment import prepare
 
-    seen = set()
+    numbered = [n for n in spec.samples_per_class if n is not None]
+    largest = max(numbered) if numbered else None
+    strategies_left, seeds_left = set(spec.strategies), set(spec.seeds)
     for cfg in spec.cells():
-        # The largest size per seed and one model per strategy cover every check prepare() makes.
-        key = (cfg.strategy, cfg.seed) if cfg.samples_per_class is None else (cfg.strategy, cfg.seed,
-                                                                              cfg.samples_per_class)
-        if key in seen:
-            continue
-        seen.add(key)
-        prepare(cfg, reporter=reporter)
+        if cfg.samples_per_class == largest and (cfg.strategy in strategies_left or cfg.seed in seeds_left):
+            prepare(cfg, reporter=reporter)
+            strategies_left.discard(cfg.strategy)
+            seeds_left.discard(cfg.seed)
 
 
 def run_sweep(spec: SweepSpec, *, reporter: Any = None,
@@ -171,7 +186,7 @@ def run_sweep(spec: SweepSpec, *, reporter: Any = None,
 
 
 def estimate_seconds_left(done: list[Cell], remaining: list[Cell]) -> float | None:
-    """Time left: each remaining cell costs what finished cells of the same strategy and size cost
+    """Time left: each remaining cell costs what finished cells of the same strategy, size and lr cost
     (cells differ tenfold between 5 images per class and all of them), else the same strategy's mean,
     else the mean of all finished cells."""
     if not done:
@@ -180,8 +195,8 @@ def estimate_seconds_left(done: list[Cell], remaining: list[Cell]) -> float | No
     total = 0.0
     for cell in remaining:
         cfg = cell.config
-        same = [c for c in done if (c.config.strategy, c.config.samples_per_class) == (cfg.strategy,
-                                                                                      cfg.samples_per_class)]
+        key = (cfg.strategy, cfg.samples_per_class, cfg.lr)
+        same = [c for c in done if (c.config.strategy, c.config.samples_per_class, c.config.lr) == key]
         same_strategy = [c for c in done if c.config.strategy == cfg.strategy]
         total += mean(same or same_strategy or done)
     return total
@@ -192,6 +207,7 @@ def _cells_csv(cells: list[Cell]) -> str:
 
     rows = [{"cell": c.index, "strategy": c.config.strategy, "seed": c.config.seed,
              "samples_per_class": "all" if c.config.samples_per_class is None else c.config.samples_per_class,
+             "lr": c.config.lr,
              "action": c.action, "status": c.status, "run_id": c.run_id or "", "seconds": round(c.seconds, 2)}
             for c in cells]
     return pd.DataFrame(rows).to_csv(index=False)

@@ -11,16 +11,15 @@ Under ``mlflow run`` the entry point logs into the run MLflow created
 that ``tlexp compare`` searches for.
 """
 
-from .datasets import SplitInput, log_datasets
-from .runs import (RunLogger, load_checkpoint, outer_run_id, sweep_run, training_run)
+from .logger import FitLogger, NullLogger
+from .runs import RunLogger, load_checkpoint, sweep_run, training_run
 from .signals import Interrupted, raise_pending, sigterm_as_interrupt, signals_deferred
-from .store import (CHECKPOINT_ARTIFACT, TAG_CELL, TAG_ERROR, TAG_EXPERIMENT, TAG_KIND, TAG_SWEEP, TrackingError,
-                    check_store, experiment_id, mark_model_training, resumable_run, retry_locked, run_exists,
-                    sweep_children, tracking_uri)
+from .store import (CHECKPOINT_ARTIFACT, TAG_CELL, TAG_DIVERGED_EPOCH, TAG_ERROR, TAG_EXPERIMENT, TAG_KIND,
+                    TAG_STALE_CHECKPOINT, TAG_SWEEP, TrackingError, check_store, experiment_id, resumable_run,
+                    retry_locked, run_exists, search_tagged, sweep_children, tag_equals, tagged, tracking_uri)
+from .datasets import SplitInput, log_datasets
+from .runs import outer_run_id
+from .store import mark_model_training
 from .ui import ui_hint
 
-__all__ = ["RunLogger", "load_checkpoint", "outer_run_id", "sweep_run", "training_run", "Interrupted",
-           "raise_pending", "sigterm_as_interrupt", "signals_deferred", "SplitInput", "log_datasets",
-           "CHECKPOINT_ARTIFACT", "TAG_CELL", "TAG_ERROR", "TAG_EXPERIMENT", "TAG_KIND", "TAG_SWEEP", "TrackingError",
-           "check_store", "experiment_id", "mark_model_training", "resumable_run", "retry_locked", "run_exists",
-           "sweep_children", "tracking_uri", "ui_hint"]
+# Everything above is this package's public face (one name per import, so merges add lines, not rewrite them).

@@ -11,8 +11,8 @@ import traceback
 from typing import Any, Iterator
 
 from .signals import Interrupted, raise_pending, sigterm_as_interrupt, signals_deferred
-from .store import (CHECKPOINT_ARTIFACT, TAG_ERROR, TAG_EXPERIMENT, TAG_KIND, TAG_SWEEP, TrackingError, _first_line,
-                    experiment_id, mark_model_training, retry_locked)
+from .store import (CHECKPOINT_ARTIFACT, TAG_ERROR, TAG_EXPERIMENT, TAG_KIND, TAG_STALE_CHECKPOINT, TAG_SWEEP,
+                    TrackingError, _first_line, experiment_id, mark_model_training, retry_locked, search_tagged)
 
 
 def _same_number(a: str, b: str) -> bool:
@@ -108,6 +108,12 @@ class RunLogger:
         so a resumed run neither repeats nor skips an epoch."""
         return signals_deferred()
 
+    def finishing(self) -> contextlib.AbstractContextManager:
+        """The final evaluation and logging: Ctrl-C/SIGTERM inside waits for the block's end and then for
+        the run to end FINISHED, and only then stops the program (a cut model logging would leave a
+        half-written model behind)."""
+        return signals_deferred(pending="keep")
+
     def keep_checkpoint(self, state: dict[str, Any]) -> None:
         """Remember the last completed epoch's state; it is written only if the run does not finish."""
         self._checkpoint = state
@@ -137,21 +143,23 @@ def _model_requirements() -> list[str]:
 
 @contextlib.contextmanager
 def _active(run_id: str) -> Iterator[None]:
-    """Make ``run_id`` the fluent API's active run for a call that needs one, without ending it."""
+    """Make ``run_id`` the fluent API's active run for a call that needs one, and leave it RUNNING."""
     import mlflow
 
     active = mlflow.active_run()
     if active is not None and active.info.run_id == run_id:
         yield
         return
-    mlflow.start_run(run_id=run_id, nested=active is not None)
+    env_run = os.environ.get("MLFLOW_RUN_ID")
+    mlflow.start_run(run_id=run_id, nested=active is not None, log_system_metrics=False)
     try:
         yield
     finally:
-        # end_run would mark the run FINISHED; pop it from the fluent stack instead.
-        from mlflow.tracking import fluent
-
-        fluent._active_run_stack.get().pop()  # type: ignore[attr-defined]
+        # end_run() leaves the fluent stack as it found it; the status it sets is the one the run had.
+        # It also forgets MLFLOW_RUN_ID, which tells a later run started under `mlflow run` where to log.
+        mlflow.end_run(status="RUNNING")
+        if env_run is not None:
+            os.environ["MLFLOW_RUN_ID"] = env_run
 
 
 def outer_run_id() -> str | None:
@@ -219,6 +227,8 @@ def _opened_run(*, experiment: str, run_name: str, tags: dict[str, str], parent_
         raise_pending()
         yield logger
         logger.flush()  # FINISHED only once every metric is in the store
+        if resume_run_id is not None:
+            _drop_leftovers(client, run_id)
     except KeyboardInterrupt as exc:
         status = RunStatus.to_string(RunStatus.KILLED)
         with signals_deferred(pending="drop"):  # one more Ctrl-C does not cut the checkpoint short
@@ -237,8 +247,32 @@ def _opened_run(*, experiment: str, run_name: str, tags: dict[str, str], parent_
         with contextlib.suppress(Exception):
             exc.tlexp_run_id = run_id  # type: ignore[attr-defined]  # for the user's error message
         raise
-    with signals_deferred():  # the run ends FINISHED; a signal meanwhile then stops the caller
-        _finish(client, run_id, status)
+    try:
+        with signals_deferred():  # the run ends FINISHED; a signal meanwhile then stops the caller
+            _finish(client, run_id, status)
+    except Interrupted as exc:  # a signal during the final logging or the finish, deferred until now
+        exc.run_id, exc.finished = run_id, True
+        raise
+
+
+def _drop_leftovers(client: Any, run_id: str) -> None:
+    """What an interrupted attempt left in a run that has now finished: its checkpoint (nothing is left
+    to resume) and any logged model it did not finish writing (the run keeps the one logged since)."""
+    from mlflow.entities import LoggedModelStatus
+    from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
+    run = client.get_run(run_id)
+    folder = os.path.dirname(CHECKPOINT_ARTIFACT)
+    if any(item.path == CHECKPOINT_ARTIFACT for item in client.list_artifacts(run_id, folder)):
+        try:  # MlflowClient deletes no artifact; the run's artifact repository does, where its store can
+            get_artifact_repository(run.info.artifact_uri).delete_artifacts(folder)
+        except Exception:  # noqa: BLE001 - e.g. a server without artifact deletion: mark it stale instead
+            RunLogger(run_id).set_tags({TAG_STALE_CHECKPOINT: "true"})
+    with contextlib.suppress(Exception):  # a store without logged models has no half-written one either
+        for model in client.search_logged_models([run.info.experiment_id],
+                                                 filter_string=f"source_run_id = '{run_id}'"):
+            if model.status != LoggedModelStatus.READY:
+                client.delete_logged_model(model.model_id)
 
 
 def _close_abnormally(logger: RunLogger, status: str, message: str, trace: str | None) -> int | None:
@@ -293,9 +327,8 @@ def sweep_run(*, experiment: str, sweep_id: str, params: dict[str, Any]) -> Iter
         mark_model_training(client.get_run(run_id).info.experiment_id)
     else:
         exp_id = experiment_id(experiment)
-        previous = client.search_runs([exp_id], filter_string=f"tags.`{TAG_SWEEP}` = '{sweep_id}' and "
-                                                              f"tags.`{TAG_KIND}` = 'sweep'",
-                                      order_by=["attributes.start_time DESC"], max_results=1)
+        previous = search_tagged(client, [exp_id], {TAG_SWEEP: sweep_id, TAG_KIND: "sweep"},
+                                 order_by=["attributes.start_time DESC"])
         if previous:
             run_id = previous[0].info.run_id
         else:

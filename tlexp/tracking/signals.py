@@ -12,13 +12,14 @@ class Interrupted(KeyboardInterrupt):
     """Ctrl-C or SIGTERM as an exception, so that runs end KILLED and save their checkpoint.
 
     Once the run is closed it carries ``run_id`` and ``epoch`` (the last completed epoch,
-    saved as the checkpoint; None when none had completed) for the message to the user.
+    saved as the checkpoint; None when none had completed) for the message to the user;
+    ``finished`` when the signal waited for the run's final logging and the run ended FINISHED.
     """
 
     def __init__(self, message: str = "interrupted", *, signum: int = signal.SIGINT, run_id: str | None = None,
-                 epoch: int | None = None) -> None:
+                 epoch: int | None = None, finished: bool = False) -> None:
         super().__init__(message)
-        self.signum, self.run_id, self.epoch = int(signum), run_id, epoch
+        self.signum, self.run_id, self.epoch, self.finished = int(signum), run_id, epoch, finished
 
 
 _DEFER = {"depth": 0, "pending": None}  # signals that arrived while deferred (main thread only)

@@ -5,17 +5,19 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 TAG_EXPERIMENT = "tlexp.experiment"
 TAG_KIND = "tlexp.kind"
 TAG_ERROR = "tlexp.error"
 TAG_SWEEP = "tlexp.sweep_id"
 TAG_CELL = "tlexp.cell_id"
+TAG_DIVERGED_EPOCH = "tlexp.diverged_epoch"  # a run that ended FAILED on a non-finite loss, and when
 CHECKPOINT_ARTIFACT = "checkpoint/last.pt"
 # MLflow 3's UI opens an experiment on its GenAI pages unless this tag says it holds model training.
 TAG_EXPERIMENT_KIND = "mlflow.experimentKind"
 EXPERIMENT_KIND_TRAINING = "custom_model_development"
+TAG_STALE_CHECKPOINT = "tlexp.stale_checkpoint"  # set where the store could not delete a finished run's checkpoint
 
 
 class TrackingError(RuntimeError):
@@ -210,6 +212,10 @@ def resumable_run(run_id: str) -> Any:
     if status not in ("KILLED", "FAILED"):
         raise TrackingError(f"Run {run_id} is {status}: it is still training, or its process died without "
                             f"saving a checkpoint; only KILLED or FAILED runs can be resumed.")
+    diverged = run.data.tags.get(TAG_DIVERGED_EPOCH)
+    if diverged:  # same settings, same RNG state: it would diverge at the same epoch again
+        raise TrackingError(f"Run {run_id} diverged (non-finite loss) at epoch {diverged}; resumed with the same "
+                            f"settings it would diverge again, so start a new run with a smaller --lr.")
     return run
 
 
@@ -217,6 +223,32 @@ def _all_experiment_ids(client: Any) -> list[str]:
     from mlflow.entities import ViewType
 
     return [e.experiment_id for e in client.search_experiments(view_type=ViewType.ACTIVE_ONLY)]
+
+
+def tag_equals(key: str, value: str) -> str:
+    """A search-filter clause for "tag ``key`` equals ``value``", whatever quotes ``value`` holds.
+
+    MLflow's filter grammar has no escape character (3.17 rejects both ``\\'`` and ``''``): the value
+    goes in single quotes, or in double quotes when it holds a single quote. A value with both kinds
+    is matched with LIKE, each single quote as the one-character wildcard ``_``; that may match a few
+    other values too, so callers keep only the runs ``tagged`` exactly so.
+    """
+    if "'" not in value:
+        return f"tags.`{key}` = '{value}'"
+    if '"' not in value:
+        return f'tags.`{key}` = "{value}"'
+    return f"tags.`{key}` LIKE '{value.replace(chr(39), '_')}'"
+
+
+def tagged(runs: Iterable[Any], tags: dict[str, str]) -> list[Any]:
+    """The runs whose tags equal ``tags`` exactly (a search by ``tag_equals`` may return more)."""
+    return [run for run in runs if all(run.data.tags.get(k) == v for k, v in tags.items())]
+
+
+def search_tagged(client: Any, experiment_ids: list[str], tags: dict[str, str], **search: Any) -> list[Any]:
+    """``client.search_runs`` for the runs whose tags equal ``tags`` exactly (names with any quotes)."""
+    found = client.search_runs(experiment_ids, " and ".join(tag_equals(k, v) for k, v in tags.items()), **search)
+    return tagged(found, tags)
 
 
 def sweep_children(experiment: str, sweep_id: str) -> dict[str, list[tuple[str, str]]]:
@@ -228,10 +260,7 @@ def sweep_children(experiment: str, sweep_id: str) -> dict[str, list[tuple[str, 
     out: dict[str, list[tuple[str, str]]] = {}
     if not ids:
         return out
-    runs = client.search_runs(ids, filter_string=f"tags.`{TAG_SWEEP}` = '{sweep_id}' and "
-                                                 f"tags.`{TAG_KIND}` = 'train' and "
-                                                 f"tags.`{TAG_EXPERIMENT}` = '{experiment}'",
-                              max_results=50000)
-    for run in runs:
+    tags = {TAG_SWEEP: sweep_id, TAG_KIND: "train", TAG_EXPERIMENT: experiment}
+    for run in search_tagged(client, ids, tags, max_results=50000):
         out.setdefault(run.data.tags.get(TAG_CELL, ""), []).append((run.info.status, run.info.run_id))
     return out

@@ -1,13 +1,9 @@
-"""``python -m tlexp.bench``: tlexp against the seed notebook's loop, side by side, in one process.
+"""``python benchmarks/bench_train.py DATA``: tlexp against the seed notebook's loop, side by side, in one process.
 
 Everything below runs on the same data, model, image size, batch size and machine:
 
-1. **seed loop** -- the notebook's ``train_epoch``/``validate_epoch`` re-implemented faithfully:
-   ``ImageFolder`` + PIL transforms + ``DataLoader`` (2 workers), fp32, default memory format,
-   ``.item()`` every step, transfer with BatchNorm left in training mode, as the notebook does. One
-   deliberate difference: the notebook's ``val_dataset.dataset.transform = val_transforms`` also
-   switched off the *training* augmentation (both subsets share one dataset); here the seed loop
-   augments as the notebook meant to, so that both sides do the same work;
+1. **seed loop** -- the notebook's ``train_epoch``/``validate_epoch`` re-implemented faithfully
+   (``seed_loop.py``, beside this file);
 2. **tlexp** -- the same epochs through tlexp's own code: ``experiment.prepare`` and ``experiment.fit``,
    the loop every ``tlexp train`` runs (decoded once, augmented on batched tensors, frozen-backbone
    features cached for transfer), with tracking off;
@@ -40,10 +36,7 @@ from typing import Annotated, Any, Callable, Optional
 
 import typer
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEFAULT_DATA = os.path.normpath(os.path.join(REPO_ROOT, "..", "shared", "datasets", "hymenoptera"))
-SEED = 42  # the notebook's seed
-LR = 1e-3  # the notebook's learning rate
+from seed_loop import LR, SEED, run_seed_loop, steady  # beside this script (sys.path[0])
 
 
 # ------------------------------------------------------------ measurement helpers
@@ -83,28 +76,6 @@ class PeakRSS:
             self._thread.join()
 
 
-class QuietLogger:
-    """Stands in for ``tracking.RunLogger`` with tracking off: writes nothing, keeps the step-0 metrics."""
-
-    def __init__(self) -> None:
-        self.metrics: dict[str, float] = {}
-
-    def log_metrics(self, metrics: dict[str, float], *, step: int, synchronous: bool = False) -> None:
-        if step == 0:
-            self.metrics.update(metrics)
-
-    def atomic(self) -> contextlib.AbstractContextManager:
-        return contextlib.nullcontext()
-
-    def keep_checkpoint(self, state: dict[str, Any]) -> None:
-        pass
-
-    def log_text(self, *args: Any, **kwargs: Any) -> None:
-        pass
-
-    log_dict = log_figure = log_model = log_params = set_tags = flush = log_text
-
-
 class LoopClock:
     """A reporter that timestamps the epoch loop: from the first epoch's start to the end of the last."""
 
@@ -140,139 +111,10 @@ def _sync(device: Any) -> None:
         torch.cuda.synchronize(device)
 
 
-def _steady(values: list[float]) -> float:
-    """Mean over the epochs after the first (the first includes one-off warm-up); the only one if one."""
-    return statistics.fmean(values[1:] if len(values) > 1 else values)
-
-
-# ------------------------------------------------------------------ the seed loop
-def _seed_loaders(root: str, data: Any, splits: Any, *, image_size: int, batch_size: int, mean: tuple, std: tuple,
-                  num_workers: int, pin_memory: bool) -> tuple[Any, Any]:
-    """The notebook's transforms and loaders, over exactly the images tlexp uses for train and val."""
-    from torch.utils.data import DataLoader, Subset
-    from torchvision import datasets, transforms
-
-    train_tf = transforms.Compose([
-        transforms.Resize((image_size, image_size)),
-        transforms.RandomHorizontalFlip(p=0.5),
-        transforms.RandomRotation(15),
-        transforms.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2, hue=0.1),
-        transforms.ToTensor(),
-        transforms.Normalize(mean=mean, std=std),
-    ])
-    val_tf = transforms.Compose([
-        transforms.Resize((image_size, image_size)),
-        transforms.ToTensor(),
-        transforms.Normalize(mean=mean, std=std),
-    ])
-
-    def subset(index: Any, transform: Any) -> Any:
-        paths = [data.paths[i] for i in index.tolist()]
-        top = {p.split("/", 1)[0] for p in paths}
-        sub = top.pop() if len(top) == 1 and data.origin[int(index[0])] != "all" else ""
-        folder = datasets.ImageFolder(os.path.join(root, sub), transform=transform)
-        where = {os.path.relpath(p, root).replace(os.sep, "/"): i for i, (p, _) in enumerate(folder.samples)}
-        return Subset(folder, [where[p] for p in paths])
-
-    train = DataLoader(subset(splits.train, train_tf), batch_size=batch_size, shuffle=True,
-                       num_workers=num_workers, pin_memory=pin_memory)
-    val = DataLoader(subset(splits.val, val_tf), batch_size=batch_size, shuffle=False,
-                     num_workers=num_workers, pin_memory=pin_memory)
-    return train, val
-
-
-def seed_train_epoch(model: Any, dataloader: Any, criterion: Any, optimizer: Any, device: Any) -> tuple[float, float]:
-    """The notebook's ``train_epoch`` (without its tqdm bar)."""
-    import torch
-
-    model.train()
-    running_loss, correct, total = 0.0, 0, 0
-    for images, labels in dataloader:
-        images, labels = images.to(device), labels.to(device)
-        optimizer.zero_grad()
-        outputs = model(images)
-        loss = criterion(outputs, labels)
-        loss.backward()
-        optimizer.step()
-        running_loss += loss.item() * images.size(0)
-        _, predicted = torch.max(outputs, 1)
-        total += labels.size(0)
-        correct += (predicted == labels).sum().item()
-    return running_loss / total, 100 * correct / total
-
-
-def seed_validate_epoch(model: Any, dataloader: Any, criterion: Any, device: Any) -> tuple[float, float]:
-    """The notebook's ``validate_epoch`` (without its tqdm bar)."""
-    import torch
-
-    model.eval()
-    running_loss, correct, total = 0.0, 0, 0
-    with torch.no_grad():
-        for images, labels in dataloader:
-            images, labels = images.to(device), labels.to(device)
-            outputs = model(images)
-            loss = criterion(outputs, labels)
-            running_loss += loss.item() * images.size(0)
-            _, predicted = torch.max(outputs, 1)
-            total += labels.size(0)
-            correct += (predicted == labels).sum().item()
-    return running_loss / total, 100 * correct / total
-
-
-@dataclass
-class EpochTimes:
-    train_s: list[float] = field(default_factory=list)
-    val_s: list[float] = field(default_factory=list)
-    epoch_s: list[float] = field(default_factory=list)
-    train_samples: int = 0
-    val_acc: list[float] = field(default_factory=list)
-
-    @property
-    def steady_train_samples_per_s(self) -> float:
-        return self.train_samples / _steady(self.train_s)
-
-
-def run_seed_loop(strategy: str, *, root: str, data: Any, splits: Any, model_name: str, batch_size: int,
-                  epochs: int, device: Any, num_workers: int = 2) -> EpochTimes:
-    """Train ``strategy`` the notebook's way for ``epochs`` epochs and time each."""
-    import torch
-    from torch import nn
-
-    from .models import build_model, get_spec
-
-    torch.manual_seed(SEED)
-    spec = get_spec(model_name)
-    train_loader, val_loader = _seed_loaders(root, data, splits, image_size=data.image_size, batch_size=batch_size,
-                                             mean=spec.mean, std=spec.std, num_workers=num_workers,
-                                             pin_memory=device.type == "cuda")
-    tl = build_model(model_name, num_classes=data.num_classes, pretrained=strategy != "scratch", head="mlp")
-    model = nn.Sequential(tl.body, tl.head)  # the notebook normalises in its transforms
-    if strategy == "transfer":
-        for param in tl.body.parameters():  # the notebook freezes everything, then adds a new head
-            param.requires_grad = False
-        optimizer = torch.optim.Adam(tl.head.parameters(), lr=LR)
-    else:
-        optimizer = torch.optim.Adam(model.parameters(), lr=LR)
-    model = model.to(device)
-    criterion = nn.CrossEntropyLoss()
-    out = EpochTimes(train_samples=len(splits.train))
-    for _ in range(epochs):
-        t0 = time.perf_counter()
-        seed_train_epoch(model, train_loader, criterion, optimizer, device)
-        t1 = time.perf_counter()
-        _, val_acc = seed_validate_epoch(model, val_loader, criterion, device)
-        t2 = time.perf_counter()
-        out.train_s.append(t1 - t0)
-        out.val_s.append(t2 - t1)
-        out.epoch_s.append(t2 - t0)
-        out.val_acc.append(val_acc / 100)
-    return out
-
-
 # ------------------------------------------------------------------ tlexp
 def _config(strategy: str, *, data_path: str, model: str, device: str, epochs: int, batch_size: int,
             image_size: int, cache_dir: str, seed: int = SEED, **changes: Any) -> Any:
-    from .config import TrainConfig
+    from tlexp.config import TrainConfig
 
     return TrainConfig(strategy=strategy, model=model, data=data_path, epochs=epochs, batch_size=batch_size,
                        seed=seed, image_size=image_size, device=device, cache_dir=cache_dir, lr=LR,
@@ -293,17 +135,17 @@ class TlexpRun:
 
     @property
     def steady_train_samples_per_s(self) -> float:
-        return _steady([h["train_samples_per_s"] for h in self.history])
+        return steady([h["train_samples_per_s"] for h in self.history])
 
 
 def run_tlexp(config: Any, data: Any, *, cold: bool = True) -> TlexpRun:
     """One run through tlexp's real loop with tracking off (``cold``: compute the frozen-backbone features)."""
-    from . import experiment, features
+    from tlexp import experiment, features, tracking
 
     if cold:
         features.clear()
     prep = experiment.prepare(config, data=data)
-    logger, clock = QuietLogger(), LoopClock()
+    logger, clock = tracking.NullLogger(), LoopClock()
     t0 = time.perf_counter()
     result = experiment.fit(prep, logger, clock, None)
     _sync(prep.settings.device)
@@ -316,7 +158,7 @@ def run_tlexp_tracked(config: Any, data: Any, store_dir: str, *, cold: bool = Tr
     """The same run through ``experiment.train`` into a SQLite store in ``store_dir``: (epoch-loop s, call s)."""
     import mlflow
 
-    from . import experiment, features
+    from tlexp import experiment, features
 
     if cold:
         features.clear()
@@ -342,8 +184,8 @@ def run_model_only(config: Any, data: Any, *, steps: int, channels_last: bool | 
     """Training samples/s of the bare model on synthetic batches already on the device (tlexp's step code)."""
     import torch
 
-    from . import experiment
-    from .engine import train_one_epoch
+    from tlexp import experiment
+    from tlexp.engine import train_one_epoch
 
     changes = {k: v for k, v in (("channels_last", channels_last), ("precision", precision)) if v is not None}
     prep = experiment.prepare(config.replace(**changes), data=data)
@@ -383,9 +225,9 @@ def run_benchmark(*, data_path: str, model: str, device_name: str, epochs: int, 
     """Measure everything (caches and tracking stores go in ``work_dir``); returns the figures (``--json``)."""
     import torch
 
-    from . import data as data_mod
-    from .data import load_data, make_splits
-    from .engine import resolve_device, resolve_precision
+    from tlexp import data as data_mod
+    from tlexp.data import load_data, make_splits
+    from tlexp.engine import resolve_device, resolve_precision
 
     device = resolve_device(device_name)
     root = os.path.abspath(os.path.expanduser(data_path))
@@ -469,7 +311,7 @@ def run_benchmark(*, data_path: str, model: str, device_name: str, epochs: int, 
         cheap_on.append(run_tlexp_tracked(cfg("transfer", epochs, feature_cache="on"), data, tmp, cold=False)[0])
 
     # Figures.
-    seed_first, seed_steady = seed_tr.epoch_s[0], _steady(seed_tr.epoch_s)
+    seed_first, seed_steady = seed_tr.epoch_s[0], steady(seed_tr.epoch_s)
     seed_run_s = seed_first + (epochs - 1) * seed_steady  # measured when seed_epochs >= epochs
     tlexp_run_s = decode_s + tl_tr.fit_s
     fig.update({
@@ -477,7 +319,7 @@ def run_benchmark(*, data_path: str, model: str, device_name: str, epochs: int, 
         "seed_transfer_run_s": seed_run_s, "seed_transfer_run_extrapolated": len(seed_tr.epoch_s) < epochs,
         "tlexp_transfer_epoch_s": tl_tr.epoch_s, "tlexp_transfer_feature_cache_s": tl_tr.feature_cache_s,
         "tlexp_transfer_fit_s": tl_tr.fit_s, "tlexp_transfer_run_s": tlexp_run_s,
-        "transfer_epoch_ratio": _steady(tl_tr.epoch_s) / seed_steady,
+        "transfer_epoch_ratio": steady(tl_tr.epoch_s) / seed_steady,
         "transfer_run_ratio": tlexp_run_s / seed_run_s,
         "transfer_val_acc": {"seed": seed_tr.val_acc, "tlexp": [h["val_acc"] for h in tl_tr.history]},
         "seed_scratch_train_samples_per_s": seed_sc.steady_train_samples_per_s,
@@ -486,7 +328,7 @@ def run_benchmark(*, data_path: str, model: str, device_name: str, epochs: int, 
         "model_only_samples_per_s": model_only,
         "scratch_vs_model_only": tl_sc.steady_train_samples_per_s / model_only[tlexp_key],
         "scratch_vs_seed": tl_sc.steady_train_samples_per_s / seed_sc.steady_train_samples_per_s,
-        "scratch_epoch_vs_seed": _steady(seed_sc.epoch_s) / _steady(tl_sc.epoch_s),
+        "scratch_epoch_vs_seed": steady(seed_sc.epoch_s) / steady(tl_sc.epoch_s),
         "tracked_train_call_s": tracked_call_s,
     })
     # Tracking: its cost per epoch is resolvable only where epochs are short (cached transfer, min of 3 runs
@@ -495,7 +337,7 @@ def run_benchmark(*, data_path: str, model: str, device_name: str, epochs: int, 
     fig.update({
         "tracking_cached_transfer_loop_s": {"on": min(cheap_on), "off": min(cheap_off)},
         "tracking_cost_per_epoch_ms": 1000 * cost_s,
-        "tracking_overhead_ratio": 1 + cost_s / _steady(tl_sc.epoch_s),
+        "tracking_overhead_ratio": 1 + cost_s / steady(tl_sc.epoch_s),
         "tracking_overhead_ratio_cached_transfer": min(cheap_on) / min(cheap_off),
         "tracking_scratch_loop_s": {"on": tracked_loop_s, "off": tl_sc.loop_s},
         "tracking_overhead_ratio_scratch_wall": tracked_loop_s / tl_sc.loop_s,
@@ -547,10 +389,10 @@ def format_report(fig: dict[str, Any]) -> str:
     row = lambda name, a, b, c="": lines.append(f"{name:34}{a:>12}{b:>12}{c:>12}")  # noqa: E731
     s = lambda v: f"{v:.2f}s"  # noqa: E731
     row("transfer: first epoch", s(fig["seed_transfer_epoch_s"][0]), s(fig["tlexp_transfer_epoch_s"][0]))
-    row("transfer: later epoch (mean)", s(_steady(fig["seed_transfer_epoch_s"])), s(_steady(fig["tlexp_transfer_epoch_s"])))
+    row("transfer: later epoch (mean)", s(steady(fig["seed_transfer_epoch_s"])), s(steady(fig["tlexp_transfer_epoch_s"])))
     row("transfer: feature cache (once)", "-", s(fig["tlexp_transfer_feature_cache_s"]))
     row(f"transfer: whole {fig['epochs']}-epoch run", s(fig["seed_transfer_run_s"]), s(fig["tlexp_transfer_run_s"]))
-    row("scratch: epoch (after the first)", s(_steady(fig["seed_scratch_epoch_s"])), s(_steady(fig["tlexp_scratch_epoch_s"])))
+    row("scratch: epoch (after the first)", s(steady(fig["seed_scratch_epoch_s"])), s(steady(fig["tlexp_scratch_epoch_s"])))
     row("scratch: train samples/s", f"{fig['seed_scratch_train_samples_per_s']:.1f}",
         f"{fig['tlexp_scratch_train_samples_per_s']:.1f}",
         f"{fig['model_only_samples_per_s'][fig['model_only_tlexp_variant']]:.1f}")
@@ -591,7 +433,7 @@ def cache_accuracy(*, data_path: str, model: str, device_name: str, epochs: int,
                    batch_size: int, image_size: int, work_dir: str,
                    say: Callable[[str], None] = print) -> dict[str, Any]:
     """Transfer with and without the feature cache, per seed: best and final validation accuracy."""
-    from .data import load_data
+    from tlexp.data import load_data
 
     root = os.path.abspath(os.path.expanduser(data_path))
     cache_dir = os.path.join(work_dir, "cache")
@@ -631,7 +473,8 @@ def format_accuracy(res: dict[str, Any]) -> str:
 
 # ------------------------------------------------------------------ command line
 def main(
-    data: Annotated[str, typer.Option(help="ImageFolder tree (default: the hymenoptera set beside the repo).")] = DEFAULT_DATA,
+    data: Annotated[str, typer.Argument(help="ImageFolder tree to measure on, e.g. ../shared/datasets/hymenoptera "
+                                             "(train 244 / val 153 images).")],
     model: Annotated[str, typer.Option(help="Model name, as for `tlexp train`.")] = "efficientnet_lite0",
     device: Annotated[str, typer.Option(help="auto | cpu | cuda | mps.")] = "auto",
     epochs: Annotated[int, typer.Option(help="Transfer epochs (the notebook's 15).")] = 15,
