@@ -77,6 +77,9 @@ def breakdown(uri: str, out: Path) -> list[tuple[str, float]]:
     from mlflow import MlflowClient
 
     from tlexp import compare, report
+    from tlexp.compare.history import history_from_client
+    from tlexp.compare.types import FORMATS
+    from tlexp.tracking.comparison import log_comparison_run
 
     timings = []
 
@@ -91,15 +94,17 @@ def breakdown(uri: str, out: Path) -> list[tuple[str, float]]:
     client = MlflowClient(tracking_uri=uri)
     ids, keys = list(runs["run_id"]), list(compare.PER_EPOCH_METRICS)
     timed(f"  for contrast: {len(ids) * len(keys)} get_metric_history calls, 8 threads",
-          lambda: compare._history_from_client(client, ids, keys))
+          lambda: history_from_client(client, ids, keys))
     timed(f"  for contrast: {len(ids) * len(keys)} get_metric_history calls, sequential",
           lambda: [client.get_metric_history(r, k) for r in ids for k in keys])
     comparison = timed("build_comparison", lambda: compare.build_comparison(EXPERIMENT, runs, history))
     out.mkdir(parents=True, exist_ok=True)
     files = timed("write_report (charts, md, csv, html)",
-                  lambda: report.write_report(comparison, out, formats=compare.FORMATS))
+                  lambda: report.write_report(comparison, out, formats=FORMATS))
     timings.append(("  files written", float(len(files))))
-    timed("log_comparison_run", lambda: compare.log_comparison_run(client, comparison, files))
+    timed("log_comparison_run", lambda: log_comparison_run(
+        client, experiment=EXPERIMENT, files=files, description=report.render_description(comparison),
+        params=report.run_summary(comparison)))
     return timings
 
 

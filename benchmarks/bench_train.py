@@ -253,7 +253,7 @@ def run_benchmark(*, data_path: str, model: str, device_name: str, epochs: int, 
         t0 = time.perf_counter()
         data = load_data(root, image_size=image_size, cache_dir=cache_dir, num_workers=2)
         read_s = time.perf_counter() - t0
-    splits = make_splits(data, val_fraction=0.2, seed=SEED)
+    splits = make_splits(data, val_fraction=0.2, split_seed=SEED)
     fig.update(train_size=len(splits.train), val_size=len(splits.val), decode_s=decode_s, cache_read_s=read_s,
                raw_pixel_bytes=raw_bytes, decode_peak_bytes=decode_mem.peak_bytes, cache_read_peak_bytes=read_mem.peak_bytes)
     if decode_mem.peak_bytes is not None and read_mem.peak_bytes is not None:

@@ -84,12 +84,17 @@ def log_fake_run(
     experiment_tag: str | None = "tl-vs-scratch",
     parent_run_id: str | None = None,
     summary: bool = True,
+    lr: float = 1e-3,
+    data_fingerprint: str | None = None,
+    started_s: float = 0.0,
+    params: dict[str, str] | None = None,
 ) -> str:
     """Log one fake training run and return its run id.
 
     ``val_acc`` sets the number of epochs logged; the other curves default to simple functions
     of it (train acc 5 points above val acc, losses falling). ``epochs`` is the configured
-    number of epochs (a param), which may be larger than what was logged.
+    number of epochs (a param), which may be larger than what was logged. ``started_s`` shifts the
+    start time (which of two runs is newer); ``params`` adds or overrides params.
     """
     n = len(val_acc)
     train_acc = list(train_acc) if train_acc is not None else [min(1.0, v + 0.05) for v in val_acc]
@@ -107,7 +112,7 @@ def log_fake_run(
         tags["tlexp.experiment"] = experiment_tag
     if parent_run_id is not None:
         tags["mlflow.parentRunId"] = parent_run_id
-    run = client.create_run(experiment_id, start_time=_T0_MS, tags=tags)
+    run = client.create_run(experiment_id, start_time=_T0_MS + int(1000 * started_s), tags=tags)
     run_id = run.info.run_id
 
     params = {
@@ -115,14 +120,15 @@ def log_fake_run(
         "epochs": str(epochs if epochs is not None else n), "seed": str(seed),
         "samples_per_class": "none" if samples_per_class is None else str(samples_per_class),
         "train_fraction": str(train_fraction), "image_size": str(image_size),
-        "num_classes": str(num_classes), "train_size": str(train_size), "lr": "0.001",
+        "num_classes": str(num_classes), "train_size": str(train_size), "lr": str(lr),
+        **({"data_fingerprint": data_fingerprint} if data_fingerprint else {}), **(params or {}),
     }
     metrics: list[Metric] = []
     for i in range(n):
         step = i + 1
         for key, value in (("train_loss", train_loss[i]), ("train_acc", train_acc[i]),
                            ("val_loss", val_loss[i]), ("val_acc", val_acc[i]),
-                           ("epoch_time_s", times[i]), ("lr", 1e-3), ("train_samples_per_s", 100.0)):
+                           ("epoch_time_s", times[i]), ("lr", lr), ("train_samples_per_s", 100.0)):
             metrics.append(Metric(key, float(value), _T0_MS + step, step))
     if summary and n:
         best = max(val_acc)
@@ -144,7 +150,7 @@ def log_fake_run(
         client.log_batch(run_id, metrics=metrics[start:start + 1000],
                          params=param_list if start == 0 else [])
     if status != "RUNNING":
-        client.set_terminated(run_id, status=status, end_time=_T0_MS + 10_000)
+        client.set_terminated(run_id, status=status, end_time=_T0_MS + int(1000 * started_s) + 10_000)
     return run_id
 
 

@@ -1,8 +1,9 @@
+import pytest
 import torch
 
 from helpers import assert_matches_v2, make_image_tree
-from tlexp.data import (EvalPreset, TrainPreset, load_data, make_splits, split_manifest, stratified_split,
-                        subset_train)
+from tlexp.data import (DataError, EvalPreset, TrainPreset, load_data, make_splits, small_class_warning,
+                        split_manifest, stratified_split, subset_train)
 
 
 def test_digits_are_decoded_once_as_uint8_rgb():
@@ -37,7 +38,7 @@ def test_image_folder_with_split_folders_never_shares_a_file(tmp_path):
     root = make_image_tree(tmp_path / "pets", {"train": {"cat": 4, "dog": 5}, "val": {"cat": 2, "dog": 2},
                                                "test": {"cat": 1, "dog": 2}})
     data = load_data(str(root), image_size=10, cache_dir=str(tmp_path / "c"))
-    splits = make_splits(data, val_fraction=0.2, seed=0)
+    splits = make_splits(data, val_fraction=0.2, split_seed=0)
     assert splits.sizes() == {"train_size": 9, "val_size": 4, "test_size": 3}
     rows = split_manifest(data, splits)
     by_split = {s: {r["path"] for r in rows if r["split"] == s} for s in ("train", "val", "test")}
@@ -46,12 +47,65 @@ def test_image_folder_with_split_folders_never_shares_a_file(tmp_path):
     assert data.classes == ["cat", "dog"]
 
 
-def test_image_folder_without_splits_gets_a_stratified_split(tmp_path):
+def test_image_folder_without_splits_gets_stratified_val_and_test(tmp_path):
     root = make_image_tree(tmp_path / "flat", {"": {"a": 10, "b": 10}})
     data = load_data(str(root), image_size=8)
-    splits = make_splits(data, val_fraction=0.2, seed=0)
-    assert splits.test is None and len(splits.val) == 4
+    splits = make_splits(data, val_fraction=0.2, test_fraction=0.2, split_seed=0)
+    assert splits.rule == "carved" and splits.sizes() == {"train_size": 12, "val_size": 4, "test_size": 4}
     assert torch.bincount(data.labels[splits.val]).tolist() == [2, 2]
+    assert torch.bincount(data.labels[splits.test]).tolist() == [2, 2]
+    parts = [set(splits.train.tolist()), set(splits.val.tolist()), set(splits.test.tolist())]
+    assert sum(map(len, parts)) == len(set().union(*parts)) == 20  # disjoint and complete
+
+
+def test_digits_get_a_test_split_too():
+    data = load_data("digits", image_size=8)
+    splits = make_splits(data, val_fraction=0.2, test_fraction=0.2, split_seed=0)
+    assert splits.rule == "carved"
+    assert abs(len(splits.test) - 0.2 * 1797) < 10 and abs(len(splits.val) - 0.2 * 1797) < 10
+    assert set(splits.test.tolist()).isdisjoint(splits.val.tolist())
+
+
+def test_val_and_test_are_fixed_by_the_split_seed_not_the_run_seed(tmp_path):
+    root = make_image_tree(tmp_path / "flat", {"": {"a": 15, "b": 15}})
+    data = load_data(str(root), image_size=8)
+    one = make_splits(data, val_fraction=0.2, split_seed=0)
+    again = make_splits(data, val_fraction=0.2, split_seed=0)
+    other = make_splits(data, val_fraction=0.2, split_seed=1)
+    assert torch.equal(one.test, again.test) and torch.equal(one.val, again.val)
+    assert not torch.equal(one.test, other.test)
+    # --seed moves only the subset of train a low-data run keeps, never val or test.
+    subsets = [subset_train(one.train, data.labels, data.classes, samples_per_class=3, train_fraction=1.0, seed=s)
+               for s in (0, 1)]
+    assert not torch.equal(subsets[0], subsets[1])
+    assert all(set(s.tolist()) <= set(one.train.tolist()) for s in subsets)
+
+
+def test_train_and_val_tree_holds_val_out_as_test_and_carves_val_from_train(tmp_path):
+    root = make_image_tree(tmp_path / "pets", {"train": {"cat": 10, "dog": 10}, "val": {"cat": 3, "dog": 3}})
+    data = load_data(str(root), image_size=8, cache_dir=str(tmp_path / "c"))
+    splits = make_splits(data, val_fraction=0.2, split_seed=0)
+    assert splits.rule == "val_as_test"
+    rows = split_manifest(data, splits)
+    by_split = {s: {r["path"] for r in rows if r["split"] == s} for s in ("train", "val", "test")}
+    assert by_split["test"] == {p for p in data.paths if p.startswith("val/")}  # the provided val/, held out
+    assert all(p.startswith("train/") for p in by_split["val"] | by_split["train"])
+    assert len(by_split["val"]) == 4 and not by_split["val"] & by_split["train"]
+
+
+def test_a_class_too_small_for_validation_is_named(tmp_path):
+    root = make_image_tree(tmp_path / "flat", {"": {"a": 10, "b": 10, "rare": 2}})
+    data = load_data(str(root), image_size=8)
+    splits = make_splits(data, val_fraction=0.2, split_seed=0)
+    assert splits.missing == {"val": ["rare"]}  # one image to test, one to train, none left to validate
+    assert "'rare' in val" in small_class_warning(splits)
+
+
+def test_too_few_images_for_any_validation_is_refused(tmp_path):
+    root = make_image_tree(tmp_path / "flat", {"": {"a": 2, "b": 2}})
+    data = load_data(str(root), image_size=8)
+    with pytest.raises(DataError, match="val split would be empty"):
+        make_splits(data, val_fraction=0.2, split_seed=0)
 
 
 def test_train_pipeline_augments_and_eval_pipeline_is_deterministic():

@@ -278,7 +278,7 @@ def test_four_processes_share_one_fresh_sqlite_store(tmp_path):
         assert run.info.status == "FINISHED"
         for key in CURVE:
             assert [s for s, _ in _history(run.info.run_id, key, uri)] == [1, 2], key
-        assert "best_val_acc" in run.data.metrics and "test_acc" not in run.data.metrics
+        assert {"best_val_acc", "test_acc"} <= set(run.data.metrics)  # every run holds a test split out
     assert sorted(r.data.params["seed"] for r in runs) == ["0", "1", "2", "3"]
 
 

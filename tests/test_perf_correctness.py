@@ -218,7 +218,7 @@ def test_benchmark_seed_loop_reads_exactly_tlexps_splits(tmp_path, layout, monke
 
     root = make_image_tree(tmp_path / "imgs", layout)
     data = load_data(str(root), image_size=8, cache_dir=str(tmp_path / "c"))
-    splits = make_splits(data, val_fraction=0.3, seed=0)
+    splits = make_splits(data, val_fraction=0.3, split_seed=0)
     train, val = _seed_loaders(str(root), data, splits, image_size=8, batch_size=4, mean=(0.5,) * 3,
                                std=(0.5,) * 3, num_workers=0, pin_memory=False)
     for loader, index in ((train, splits.train), (val, splits.val)):

@@ -74,6 +74,7 @@ def test_time_to_accuracy_plots_cumulative_seconds():
     assert list(lines["transfer"].get_xdata()) == pytest.approx([2.0, 4.0, 6.0])  # mean elapsed s per epoch
     assert list(lines["transfer"].get_ydata()) == pytest.approx([20.0, 30.0, 40.0])
     assert list(lines["scratch"].get_xdata()) == pytest.approx([5.0, 10.0])
+    assert ax.get_xlim()[0] == 0  # the axis starts at 0 s, not at the end of the first epoch
     assert ax.get_xlabel().startswith("Training time (s") and ax.get_ylabel() == "Validation accuracy (%)"
 
 

@@ -75,6 +75,9 @@ MAX_SEED = 2**63 - 1  # --seed and --split-seed: what every torch generator acce
 # leaves a 1x1 final feature map; 64 px keeps 2x2 and is still fast on a CPU).
 DEFAULT_IMAGE_SIZE = {"digits": 64}
 DEFAULT_PHOTO_IMAGE_SIZE = 224
+# 2048 px is 12 MiB of decoded pixels per image, 9x ImageNet-scale training's 224-512 px: past it a typo
+# (200000) would ask for terabytes. The cache's total size is checked against free space before decoding.
+MAX_IMAGE_SIZE = 2048
 
 
 class ConfigError(ValueError):
@@ -222,8 +225,9 @@ class TrainConfig:
             raise ConfigError(f"--samples-per-class must be at least 1, got {self.samples_per_class}.")
         if self.samples_per_class is not None and self.train_fraction < 1.0:
             raise ConfigError("Use either --samples-per-class or --train-fraction, not both.")
-        if self.image_size is not None and self.image_size < 8:
-            raise ConfigError(f"--image-size must be at least 8 pixels, got {self.image_size}.")
+        if self.image_size is not None and not 8 <= self.image_size <= MAX_IMAGE_SIZE:
+            raise ConfigError(f"--image-size must be at least 8 and at most {MAX_IMAGE_SIZE} pixels, "
+                              f"got {self.image_size}.")
         if self.feature_cache_views < 1:
             raise ConfigError(f"--feature-cache-views must be at least 1, got {self.feature_cache_views}.")
         if self.num_workers < 0:

@@ -1,14 +1,17 @@
-"""Datasets, splits, the decoded-image cache and the transform presets.
+"""Datasets and the decoded-image cache.
 
-Images are decoded and resized **once** per dataset and image size into a
-uint8 tensor of shape (N, 3, S, S) -- the seed notebook re-decoded every JPEG
-with PIL every epoch. The cache lives in memory and, keyed by a fingerprint of
-the files and settings, as a memory-mapped ``.npy`` under the cache directory,
-so a second run (or every cell of a sweep) starts without decoding, and a
-changed file is never served stale.
+Images are decoded and resized **once** per dataset and image size into uint8
+pixels of shape (N, 3, S, S) -- the seed notebook re-decoded every JPEG with
+PIL every epoch. With a cache directory the pixels live in a ``.npy`` file,
+decoded straight into it and then memory-mapped: every process on a node
+shares one copy through the page cache, and a dataset larger than RAM trains
+without its pixels in private memory. The file is keyed by the data's content
+fingerprint, the files' modification times and the decode settings, so a
+second run (or every cell of a sweep) starts without decoding, and a changed
+file is never served stale.
 
-Augmentation then runs on batched tensors on the training device
-(``TrainPreset``); evaluation is deterministic (``EvalPreset``).
+Tree layouts are read by ``folders``, splits made by ``splits``, batches
+augmented by ``transforms``; their public names are importable from here too.
 """
 
 from __future__ import annotations
@@ -16,61 +19,29 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 import os
+import shutil
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any, Callable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .dataset import DataError, ImageData
+from .folders import IMG_EXTENSIONS, nfc, scan_image_folder
+from .splits import (Splits, carve, make_splits, small_class_warning, split_manifest, stratified_split,
+                     subset_train)
+from .transforms import EvalPreset, TrainPreset, adjust_hue_, flip_rotate
+
 log = logging.getLogger(__name__)
 
-# The file types torchvision's ImageFolder accepts; anything else in a class folder
-# (a GIF placeholder, a README, a .DS_Store) is skipped and reported.
-IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
-_DECODER_VERSION = "1"  # bump when decoding/resizing changes, to invalidate old caches
-_MEMO: dict[str, "ImageData"] = {}  # decoded datasets of this process (a sweep reuses them)
-
-
-class DataError(ValueError):
-    """The data cannot be used as given. The message is one sentence for the user."""
-
-
-@dataclass
-class ImageData:
-    """A decoded dataset: every image once, as uint8, with its label and where it came from."""
-
-    name: str
-    images: torch.Tensor  # (N, 3, S, S) uint8
-    labels: torch.Tensor  # (N,) int64
-    classes: list[str]
-    paths: list[str]  # one per image, relative to the dataset root (or a synthetic id)
-    origin: list[str]  # "train" | "val" | "test" for trees that ship their own splits, else "all"
-    skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
-    fingerprint: str = ""
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.classes)
-
-    @property
-    def image_size(self) -> int:
-        return int(self.images.shape[-1])
-
-
-@dataclass(frozen=True)
-class Splits:
-    """Index tensors into ``ImageData`` (disjoint by construction)."""
-
-    train: torch.Tensor
-    val: torch.Tensor
-    test: torch.Tensor | None = None
-
-    def sizes(self) -> dict[str, int]:
-        return {"train_size": len(self.train), "val_size": len(self.val),
-                "test_size": 0 if self.test is None else len(self.test)}
+_DECODER_VERSION = "2"  # bump when decoding/resizing changes, to invalidate old caches (2: EXIF orientation)
+EXIF_TRANSPOSE = True  # phone photos are stored sideways with an orientation tag; decode them upright
+_HEAD_BYTES = 4096  # the fingerprint hashes this much of each file's start and end
+_MEMO: dict[str, ImageData] = {}  # decoded datasets of this process (a sweep reuses them)
+BUILTINS = ("digits", "flowers102")
 
 
 def clear_memory() -> None:
@@ -78,108 +49,109 @@ def clear_memory() -> None:
     _MEMO.clear()
 
 
+@dataclass
+class _Files:
+    """An image-file dataset before decoding."""
+
+    name: str
+    root: str
+    files: list[str]
+    origin: list[str]
+    labels: list[int]
+    classes: list[str]
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+
+
 # ------------------------------------------------------------------ loading
 def load_data(source: str, *, image_size: int, cache_dir: str | None = None, num_workers: int = 2,
-              progress: "callable | None" = None) -> ImageData:
+              progress: Callable[[int, int], None] | None = None) -> ImageData:
     """Load ``digits``, ``flowers102`` or an ImageFolder tree, decoded once at ``image_size``."""
     if source == "digits":
         key = f"digits-{image_size}"
         if key not in _MEMO:
             _MEMO[key] = _load_digits(image_size)
         return _MEMO[key]
+    found = _find_files(source, cache_dir)
+    data = _decode_files(found, image_size=image_size, cache_dir=cache_dir, num_workers=num_workers,
+                         progress=progress)
+    _check_classes_readable(data)
+    return data
+
+
+def data_fingerprint(source: str, *, cache_dir: str | None = None) -> str:
+    """The content fingerprint ``load_data`` would give ``source`` (reads file heads, decodes nothing)."""
+    if source == "digits":
+        return _digits_fingerprint(_digits_bunch())
+    found = _find_files(source, cache_dir)
+    return _fingerprints(found.root, found.files)[0]
+
+
+def data_params(data: ImageData, splits: Splits) -> dict[str, Any]:
+    """What a run logs about its data: which data (by content and by path), how it was split, what was dropped."""
+    return {
+        "data_fingerprint": data.fingerprint,
+        "data_path": data.root,
+        "split_rule": splits.rule,
+        "exif_transpose": EXIF_TRANSPOSE,
+        "skipped_files": len(data.skipped),
+        "classes_without_val": ",".join(splits.missing.get("val", [])) or "none",
+        "classes_without_test": ",".join(splits.missing.get("test", [])) or "none",
+    }
+
+
+def _find_files(source: str, cache_dir: str | None) -> _Files:
+    if not source.strip():
+        raise DataError("--data is empty; pass digits, flowers102 or the path to an ImageFolder directory.")
     if source == "flowers102":
-        files, origin, classes, labels = _flowers102_files(cache_dir)
-        root = os.path.join(cache_dir or ".", "flowers102")
-        return _decode_files("flowers102", root, files, origin, labels, classes, image_size=image_size,
-                             cache_dir=cache_dir, num_workers=num_workers, progress=progress)
+        return _flowers102_files(cache_dir)
     root = os.path.abspath(os.path.expanduser(source))
     if not os.path.exists(root):
         raise DataError(f"--data {source!r} is neither a built-in dataset (digits, flowers102) nor an existing "
                         f"directory ({root} does not exist); pass one of those names or the path to an ImageFolder "
                         f"tree (one sub-folder of images per class).")
-    files, origin, labels, classes, skipped = _scan_image_folder(root)
-    data = _decode_files(os.path.basename(root), root, files, origin, labels, classes, image_size=image_size,
-                         cache_dir=cache_dir, num_workers=num_workers, progress=progress, pre_skipped=skipped)
-    _check_classes_readable(data, root)
-    return data
+    scan = scan_image_folder(root)
+    return _Files(name=os.path.basename(root), root=root, files=scan.files, origin=scan.origin, labels=scan.labels,
+                  classes=scan.classes, skipped=scan.skipped)
+
+
+def _digits_bunch() -> Any:
+    from sklearn.datasets import load_digits
+
+    return load_digits()
+
+
+def _digits_fingerprint(bunch: Any) -> str:
+    h = hashlib.sha256(np.ascontiguousarray(bunch.images).tobytes())
+    h.update(np.ascontiguousarray(bunch.target).tobytes())
+    return h.hexdigest()[:20]
 
 
 def _load_digits(image_size: int) -> ImageData:
     """scikit-learn's 1,797 handwritten digits (8x8, 17 grey levels), upscaled and made 3-channel."""
-    from sklearn.datasets import load_digits
-
-    bunch = load_digits()
-    pixels = torch.from_numpy(bunch.images).float().unsqueeze(1) / 16.0  # (N, 1, 8, 8) in [0, 1]
-    pixels = F.interpolate(pixels, size=(image_size, image_size), mode="bilinear", align_corners=False)
-    images = (pixels.clamp(0, 1) * 255).round().to(torch.uint8).expand(-1, 3, -1, -1).contiguous()
-    n = len(images)
+    bunch = _digits_bunch()
+    n = len(bunch.images)
+    check_room(n, image_size, cache_dir=None)
+    images = torch.empty((n, 3, image_size, image_size), dtype=torch.uint8)
+    # In chunks: the float intermediate of all images at once would be 4x the size of the result.
+    for start in range(0, n, 256):
+        pixels = torch.from_numpy(bunch.images[start:start + 256]).float().unsqueeze(1) / 16.0  # (B, 1, 8, 8)
+        pixels = F.interpolate(pixels, size=(image_size, image_size), mode="bilinear", align_corners=False)
+        images[start:start + 256] = (pixels.clamp(0, 1) * 255).round().to(torch.uint8)
     return ImageData(name="digits", images=images, labels=torch.from_numpy(bunch.target).long(),
                      classes=[str(c) for c in range(10)], paths=[f"digits/{i:04d}" for i in range(n)],
-                     origin=["all"] * n, fingerprint=f"digits-{image_size}")
+                     origin=["all"] * n, fingerprint=_digits_fingerprint(bunch), cache_key=f"digits-{image_size}",
+                     root="sklearn digits")
 
 
-def _class_dirs(folder: str) -> list[str]:
-    return sorted(e.name for e in os.scandir(folder) if e.is_dir() and not e.name.startswith("."))
-
-
-def _scan_image_folder(root: str) -> tuple[list[str], list[str], list[int], list[str], list[tuple[str, str]]]:
-    """List (relative path, split origin, label) for an ImageFolder tree, with or without split folders."""
-    if not os.path.exists(root):
-        raise DataError(f"Data path {root!r} does not exist; pass an ImageFolder directory, 'digits' or 'flowers102'.")
-    if not os.path.isdir(root):
-        raise DataError(f"Data path {root!r} is not a directory; pass an ImageFolder directory "
-                        f"(one sub-folder per class, or train/ and val/ folders of them).")
-    top = _class_dirs(root)
-    if not top:
-        raise DataError(f"Data path {root!r} has no class folders; expected one sub-folder per class "
-                        f"(or train/ and val/ folders of them).")
-    val_name = "val" if "val" in top else ("valid" if "valid" in top else None)
-    if "train" in top and val_name:
-        layout = {"train": "train", "val": val_name}
-        if "test" in top:
-            layout["test"] = "test"
-    else:
-        layout = {"all": ""}
-
-    split_classes = {split: _class_dirs(os.path.join(root, sub)) for split, sub in layout.items()}
-    reference = split_classes.get("train", split_classes.get("all"))
-    if len(reference) < 2:
-        where = os.path.join(root, layout.get("train", ""))
-        raise DataError(f"Data path {where!r} has {len(reference)} class folder(s) {reference}; "
-                        f"a classifier needs at least 2.")
-    for split, classes in split_classes.items():
-        if classes != reference:
-            raise DataError(f"The {split}/ classes {classes} differ from the train/ classes {reference}; "
-                            f"every split must have the same class folders.")
-
-    files, origin, labels, skipped = [], [], [], []
-    for split, sub in layout.items():
-        for label, cls in enumerate(reference):
-            folder = os.path.join(root, sub, cls)
-            for dirpath, dirnames, filenames in os.walk(folder):
-                dirnames.sort()
-                for name in sorted(filenames):
-                    rel = os.path.relpath(os.path.join(dirpath, name), root)
-                    if name.startswith("."):
-                        continue
-                    if not name.lower().endswith(IMG_EXTENSIONS):
-                        skipped.append((rel, f"not an image file type ({os.path.splitext(name)[1] or 'no extension'})"))
-                        continue
-                    files.append(rel)
-                    origin.append(split)
-                    labels.append(label)
-    return files, origin, labels, reference, skipped
-
-
-def _flowers102_files(cache_dir: str | None) -> tuple[list[str], list[str], list[str], list[int]]:
-    """Flowers102 with its official train/val/test splits (downloaded once by torchvision)."""
+def _flowers102_files(cache_dir: str | None) -> _Files:
+    """Flowers102 with its official train/val/test splits, through torchvision (downloaded once)."""
     from torchvision.datasets import Flowers102
 
-    root = os.path.join(cache_dir or ".", "flowers102")
+    root = os.path.abspath(os.path.join(cache_dir or ".", "flowers102"))
     files, origin, labels = [], [], []
-    for split, name in (("train", "train"), ("val", "val"), ("test", "test")):
+    for split in ("train", "val", "test"):
         try:
-            ds = Flowers102(root=root, split=name, download=True)
+            ds = Flowers102(root=root, split=split, download=True)
         except Exception as exc:
             reason = (str(exc).strip().splitlines() or [""])[0][:200]
             raise DataError(f"Flowers102 is not in the cache {os.path.join(root, 'flowers-102')!r} and could not be "
@@ -191,25 +163,50 @@ def _flowers102_files(cache_dir: str | None) -> tuple[list[str], list[str], list
             files.append(os.path.relpath(str(path), root))
             origin.append(split)
             labels.append(int(label))
-    classes = [f"class_{i:03d}" for i in range(102)]
-    return files, origin, classes, labels
+    return _Files(name="flowers102", root=root, files=files, origin=origin, labels=labels,
+                  classes=list(Flowers102.classes))
 
 
-def _fingerprint(root: str, files: list[str], image_size: int) -> str:
-    """Hash of every file's name, size and mtime plus the decode settings: any change -> new cache key."""
-    h = hashlib.sha256(f"{_DECODER_VERSION}|{image_size}|{root}".encode())
-    for rel in files:
-        st = os.stat(os.path.join(root, rel))
-        h.update(f"{rel}|{st.st_size}|{st.st_mtime_ns}\n".encode())
-    return h.hexdigest()[:20]
+# ------------------------------------------------------------- fingerprints
+def _file_facts(root: str, rel: str) -> tuple[int, int, str]:
+    """(size, mtime in ns, hash of the first and last 4 KiB) of one file."""
+    path = os.path.join(root, rel)
+    try:
+        st = os.stat(path)
+        with open(path, "rb") as fh:
+            chunk = fh.read(_HEAD_BYTES)
+            if st.st_size > 2 * _HEAD_BYTES:
+                fh.seek(-_HEAD_BYTES, os.SEEK_END)
+            chunk += fh.read(_HEAD_BYTES)
+    except OSError as exc:
+        raise DataError(f"{path!r} could not be read while fingerprinting the data ({exc.strerror}); "
+                        f"fix or remove it.") from None
+    return st.st_size, st.st_mtime_ns, hashlib.blake2b(chunk, digest_size=8).hexdigest()
 
 
+def _fingerprints(root: str, files: list[str]) -> tuple[str, str]:
+    """(content fingerprint, digest of modification times). The first names the data wherever they are: it
+    hashes relative paths (NFC), sizes and each file's head and tail, never the root. The second makes the
+    decoded cache notice an edit that keeps a file's size, head and tail."""
+    with ThreadPoolExecutor(max_workers=8) as pool:  # I/O bound: open + two small reads per file
+        facts = list(pool.map(lambda rel: _file_facts(root, rel), files))
+    content, times = hashlib.sha256(b"tlexp-data-1\n"), hashlib.sha256()
+    for rel, (size, mtime_ns, heads) in zip(files, facts):
+        content.update(f"{nfc(rel).replace(os.sep, '/')}|{size}|{heads}\n".encode())
+        times.update(f"{mtime_ns}\n".encode())
+    return content.hexdigest()[:20], times.hexdigest()[:20]
+
+
+# ------------------------------------------------------------------ decoding
 def decode_image(path: str, image_size: int) -> np.ndarray:
-    """Decode one file to (3, S, S) uint8 RGB, squashed to S x S as the seed's Resize((S, S)) does."""
-    from PIL import Image
+    """Decode one file to (3, S, S) uint8 RGB, upright (EXIF orientation), squashed to S x S as the seed's
+    Resize((S, S)) does."""
+    from PIL import Image, ImageOps
 
     with Image.open(path) as img:
         img.load()  # raises on truncated/corrupt files, which the caller reports and skips
+        if EXIF_TRANSPOSE:  # in place: no full-size copy of the (usual) image without a rotation tag
+            ImageOps.exif_transpose(img, in_place=True)
         if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
             # 16-bit and float greyscale: Image.convert('RGB') would clip, so scale to 8 bits.
             arr = np.asarray(img, dtype=np.float32)
@@ -223,33 +220,69 @@ def decode_image(path: str, image_size: int) -> np.ndarray:
         return np.asarray(img, dtype=np.uint8).transpose(2, 0, 1)
 
 
-def _decode_files(name: str, root: str, files: list[str], origin: list[str], labels: list[int],
-                  classes: list[str], *, image_size: int, cache_dir: str | None, num_workers: int,
-                  progress: "callable | None" = None, pre_skipped: list[tuple[str, str]] | None = None) -> ImageData:
-    fingerprint = _fingerprint(root, files, image_size)
-    if fingerprint in _MEMO:
-        return _MEMO[fingerprint]
-    cache_base = os.path.join(cache_dir, "decoded", fingerprint) if cache_dir else None
-    cached = _read_cache(cache_base) if cache_base else None
-    if cached is not None:
-        images, meta = cached
+def check_room(n_images: int, image_size: int, *, cache_dir: str | None) -> None:
+    """Refuse, before decoding, pixels that cannot fit: on disk in the cache directory when there is one
+    (the cache is a file, memory-mapped), else in available memory."""
+    need = n_images * 3 * image_size * image_size
+    if cache_dir is not None:
+        free, where = shutil.disk_usage(cache_dir).free, f"free disk space in {cache_dir}"
+        hint = "a smaller --image-size or a --cache-dir on a larger disk"
     else:
-        images, meta = _decode_all(root, files, image_size, num_workers=num_workers, progress=progress)
-        if cache_base:
-            _write_cache(cache_base, images, meta)
+        free, where = _available_memory(), "available memory"
+        hint = "a smaller --image-size"
+    if free is not None and need > free:
+        raise DataError(f"Decoding {n_images} images at {image_size}px needs {_gib(need)} of {where}, but only "
+                        f"{_gib(free)} is free; use {hint}.")
+
+
+def _available_memory() -> int | None:
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        import psutil
+
+        return int(psutil.virtual_memory().available)
+    except ImportError:
+        return None
+
+
+def _gib(n_bytes: float) -> str:
+    return f"{n_bytes / 2**30:.2f} GiB" if n_bytes >= 2**28 else f"{n_bytes / 2**20:.1f} MiB"
+
+
+def _decode_files(found: _Files, *, image_size: int, cache_dir: str | None, num_workers: int,
+                  progress: Callable[[int, int], None] | None = None) -> ImageData:
+    fingerprint, times = _fingerprints(found.root, found.files)
+    key = hashlib.sha256(f"{_DECODER_VERSION}|{image_size}|exif={EXIF_TRANSPOSE}|{fingerprint}|{times}".encode())
+    cache_key = key.hexdigest()[:20]
+    if cache_key in _MEMO:
+        return _MEMO[cache_key]
+    base = os.path.join(cache_dir, "decoded", cache_key) if cache_dir else None
+    cached = _read_cache(base) if base else None
+    if cached is None:
+        decode = dict(root=found.root, files=found.files, image_size=image_size, num_workers=num_workers,
+                      progress=progress)
+        # No files at all (every one skipped): nothing to map; the class check below says which is empty.
+        cached = _decode_to_cache(base, **decode) if base and found.files else _decode_in_memory(**decode)
+    images, meta = cached
     keep = meta["keep"]
     data = ImageData(
-        name=name, images=images,
-        labels=torch.tensor([labels[i] for i in keep], dtype=torch.long), classes=classes,
-        paths=[files[i] for i in keep], origin=[origin[i] for i in keep],
-        skipped=list(pre_skipped or []) + [tuple(s) for s in meta["skipped"]], fingerprint=fingerprint)
-    _MEMO[fingerprint] = data
+        name=found.name, images=images, labels=torch.tensor([found.labels[i] for i in keep], dtype=torch.long),
+        classes=found.classes, paths=[found.files[i] for i in keep], origin=[found.origin[i] for i in keep],
+        skipped=list(found.skipped) + [tuple(s) for s in meta["skipped"]], fingerprint=fingerprint,
+        cache_key=cache_key, root=found.root)
+    _MEMO[cache_key] = data
     return data
 
 
-def _decode_all(root: str, files: list[str], image_size: int, *, num_workers: int,
-                progress: "callable | None") -> tuple[torch.Tensor, dict]:
-    out = np.empty((len(files), 3, image_size, image_size), dtype=np.uint8)
+def _decode_into(out: np.ndarray, root: str, files: list[str], image_size: int, *, num_workers: int,
+                 progress: Callable[[int, int], None] | None) -> dict[str, Any]:
+    """Decode every file into its row of ``out``, then move the readable ones to the front; returns the meta."""
     ok = np.zeros(len(files), dtype=bool)
     skipped: list[tuple[str, str]] = []
 
@@ -272,213 +305,103 @@ def _decode_all(root: str, files: list[str], image_size: int, *, num_workers: in
     for row, i in enumerate(keep):
         if row != i:
             out[row] = out[i]
-    images = torch.from_numpy(out[:len(keep)])
-    return images, {"keep": keep, "skipped": sorted(skipped)}
+    return {"keep": keep, "skipped": sorted(skipped)}
 
 
-def _read_cache(base: str) -> tuple[torch.Tensor, dict] | None:
-    try:
-        with open(base + ".json") as fh:
-            meta = json.load(fh)
-        # Read once, straight into memory (training indexes it randomly, every epoch): one buffer the
-        # size of the pixels, not a memory map plus a copy of it.
-        arr = np.load(base + ".npy")
-    except (OSError, ValueError):
-        return None
-    return torch.from_numpy(arr), meta
+def _decode_in_memory(*, root: str, files: list[str], image_size: int, num_workers: int,
+                      progress: Callable[[int, int], None] | None) -> tuple[torch.Tensor, dict]:
+    check_room(len(files), image_size, cache_dir=None)
+    out = np.empty((len(files), 3, image_size, image_size), dtype=np.uint8)
+    meta = _decode_into(out, root, files, image_size, num_workers=num_workers, progress=progress)
+    return torch.from_numpy(out[:len(meta["keep"])]), meta
 
 
-def _write_cache(base: str, images: torch.Tensor, meta: dict) -> None:
-    os.makedirs(os.path.dirname(base), exist_ok=True)
+def _decode_to_cache(base: str, *, root: str, files: list[str], image_size: int, num_workers: int,
+                     progress: Callable[[int, int], None] | None) -> tuple[torch.Tensor, dict]:
+    """Decode straight into the memory-mapped cache file (no private copy of the pixels), then map it."""
+    shape = (len(files), 3, image_size, image_size)
     tmp = f"{base}.{os.getpid()}.tmp"
     try:
-        with open(tmp + ".npy", "wb") as fh:
-            np.save(fh, images.numpy())
+        os.makedirs(os.path.dirname(base), exist_ok=True)
+        check_room(len(files), image_size, cache_dir=os.path.dirname(base))
+        out = np.lib.format.open_memmap(tmp + ".npy", mode="w+", dtype=np.uint8, shape=shape)
+        _reserve(tmp + ".npy")
+    except DataError:
+        _remove(tmp + ".npy")
+        raise
+    except (OSError, ValueError) as exc:  # a read-only cache dir must not stop training (ValueError: 0 images)
+        _remove(tmp + ".npy")
+        log.warning("could not write the decoded-image cache %s (%s); decoding into memory", base, exc)
+        return _decode_in_memory(root=root, files=files, image_size=image_size, num_workers=num_workers,
+                                 progress=progress)
+    try:
+        meta = _decode_into(out, root, files, image_size, num_workers=num_workers, progress=progress)
+        out.flush()
+        del out
         with open(tmp + ".json", "w") as fh:
             json.dump(meta, fh)
         # npy first, json last: a reader only trusts the cache once the json exists.
         os.replace(tmp + ".npy", base + ".npy")
         os.replace(tmp + ".json", base + ".json")
-    except OSError as exc:  # a read-only or full cache dir must not stop training
-        log.warning("could not write the decoded-image cache %s: %s", base, exc)
+    finally:  # interrupted or failed: no half-written file left behind
+        _remove(tmp + ".npy")
+        _remove(tmp + ".json")
+    cached = _read_cache(base)
+    if cached is None:
+        raise DataError(f"The decoded-image cache {base}.npy could not be read back right after writing it; "
+                        f"check the disk, or pass another --cache-dir.")
+    return cached
 
 
-def _check_classes_readable(data: ImageData, root: str) -> None:
-    counts = torch.bincount(data.labels, minlength=data.num_classes)
-    origins = sorted(set(data.origin))
-    for split in origins:
+def _reserve(path: str) -> None:
+    """Allocate the whole file now: writing through a map into a full disk kills the process (SIGBUS)."""
+    if not hasattr(os, "posix_fallocate"):
+        return
+    size = os.path.getsize(path)
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.posix_fallocate(fd, 0, size)
+    except OSError as exc:
+        raise DataError(f"The decoded-image cache needs {_gib(size)} in {os.path.dirname(path)} but the disk "
+                        f"refused it ({exc.strerror}); free space, use a smaller --image-size or another "
+                        f"--cache-dir.") from None
+    finally:
+        os.close(fd)
+
+
+def _remove(path: str) -> None:
+    try:
+        os.remove(path)
+    except FileNotFoundError:
+        pass
+
+
+def _read_cache(base: str) -> tuple[torch.Tensor, dict] | None:
+    """The cached pixels, memory-mapped copy-on-write: pages come from the page cache (shared by every
+    process that maps the file, and dropped under memory pressure), so none of them is private memory.
+    Copy-on-write rather than read-only because torch warns about (and cannot promise not to write
+    to) non-writable arrays; nothing writes to them, so no page is ever copied."""
+    try:
+        with open(base + ".json") as fh:
+            meta = json.load(fh)
+        arr = np.load(base + ".npy", mmap_mode="c")
+    except (OSError, ValueError):
+        return None
+    return torch.from_numpy(arr[:len(meta["keep"])]), meta
+
+
+def _check_classes_readable(data: ImageData) -> None:
+    for split in sorted(set(data.origin)):
         mask = torch.tensor([o == split for o in data.origin])
         counts = torch.bincount(data.labels[mask], minlength=data.num_classes)
         empty = [data.classes[i] for i in range(data.num_classes) if counts[i] == 0]
         if empty:
             where = "" if split == "all" else f"{split}/"
-            raise DataError(f"Class folder {where}{empty[0]!r} in {root!r} holds no readable image "
+            raise DataError(f"Class folder {where}{empty[0]!r} in {data.root!r} holds no readable image "
                             f"({len(data.skipped)} file(s) skipped); every class needs at least one.")
 
 
-# ------------------------------------------------------------------- splits
-def make_splits(data: ImageData, *, val_fraction: float, seed: int) -> Splits:
-    """The tree's own train/val/test folders, or a stratified, seeded split of everything."""
-    origin = np.array(data.origin)
-    if "train" in set(data.origin):
-        idx = lambda s: torch.from_numpy(np.flatnonzero(origin == s))  # noqa: E731
-        test = idx("test") if "test" in set(data.origin) else None
-        return Splits(train=idx("train"), val=idx("val"), test=test)
-    train, val = stratified_split(data.labels, fraction=val_fraction, seed=seed)
-    return Splits(train=train, val=val)
-
-
-def stratified_split(labels: torch.Tensor, *, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Split indices so each class keeps ``fraction`` of its items in the second part (at least one each)."""
-    gen = torch.Generator().manual_seed(seed)
-    first, second = [], []
-    for c in torch.unique(labels).tolist():
-        members = torch.nonzero(labels == c).flatten()
-        members = members[torch.randperm(len(members), generator=gen)]
-        n_second = min(len(members) - 1, max(1, round(len(members) * fraction)))
-        second.append(members[:n_second])
-        first.append(members[n_second:])
-    return torch.cat(first).sort().values, torch.cat(second).sort().values
-
-
-def subset_train(train: torch.Tensor, labels: torch.Tensor, classes: list[str], *,
-                 samples_per_class: int | None, train_fraction: float, seed: int) -> torch.Tensor:
-    """Stratified, seeded subset of the train split for low-data experiments."""
-    if samples_per_class is None and train_fraction >= 1.0:
-        return train
-    gen = torch.Generator().manual_seed(seed + 1)
-    train_labels = labels[train]
-    chosen = []
-    counts = torch.bincount(train_labels, minlength=len(classes))
-    if samples_per_class is not None and samples_per_class > int(counts.min()):
-        smallest = classes[int(counts.argmin())]
-        raise DataError(f"--samples-per-class {samples_per_class} is larger than the smallest class "
-                        f"({smallest!r} has {int(counts.min())} training images); use at most {int(counts.min())}.")
-    for c in range(len(classes)):
-        members = train[train_labels == c]
-        members = members[torch.randperm(len(members), generator=gen)]
-        k = samples_per_class if samples_per_class is not None else max(1, math.ceil(len(members) * train_fraction))
-        chosen.append(members[:k])
-    return torch.cat(chosen).sort().values
-
-
-def split_manifest(data: ImageData, splits: Splits) -> "list[dict[str, str | int]]":
-    """One row per image used: path, label, class, split (saved with the run)."""
-    rows = []
-    for split, idx in (("train", splits.train), ("val", splits.val), ("test", splits.test)):
-        if idx is None:
-            continue
-        for i in idx.tolist():
-            rows.append({"path": data.paths[i], "label": int(data.labels[i]),
-                         "class": data.classes[int(data.labels[i])], "split": split})
-    return rows
-
-
-# ---------------------------------------------------------------- transforms
-class EvalPreset:
-    """Deterministic: uint8 (B, 3, S, S) -> float in [0, 1]. Normalisation lives in the model."""
-
-    def __call__(self, batch: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        return batch.float().div_(255.0)
-
-
-class TrainPreset:
-    """The seed's augmentation -- random horizontal flip, rotation within +/-15 degrees, colour jitter
-    (brightness 0.2, contrast 0.2, saturation 0.2, hue 0.1) -- on a whole batch at once.
-
-    torchvision's v2 transforms draw one set of random parameters per call, so
-    calling them on a batch would flip/rotate/jitter every image the same way.
-    Here every image gets its own parameters, drawn from ``generator``, and the
-    ops are the v2 functional kernels' maths vectorised over the batch (the
-    tests check each against ``torchvision.transforms.v2.functional``).
-    """
-
-    def __init__(self, *, flip_p: float = 0.5, degrees: float = 15.0, brightness: float = 0.2,
-                 contrast: float = 0.2, saturation: float = 0.2, hue: float = 0.1) -> None:
-        self.flip_p, self.degrees = flip_p, degrees
-        self.brightness, self.contrast, self.saturation, self.hue = brightness, contrast, saturation, hue
-
-    def sample_params(self, n: int, generator: torch.Generator | None) -> dict[str, torch.Tensor]:
-        u = torch.rand(n, 6, generator=generator)
-        return {
-            "flip": u[:, 0] < self.flip_p,
-            "angle": (u[:, 1] * 2 - 1) * self.degrees,
-            "brightness": 1 + (u[:, 2] * 2 - 1) * self.brightness,
-            "contrast": 1 + (u[:, 3] * 2 - 1) * self.contrast,
-            "saturation": 1 + (u[:, 4] * 2 - 1) * self.saturation,
-            "hue": (u[:, 5] * 2 - 1) * self.hue,
-        }
-
-    def __call__(self, batch: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        params = self.sample_params(batch.shape[0], generator)
-        return self.apply(batch, params)
-
-    def apply(self, batch: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tensor:
-        """uint8 (B, 3, H, W) -> float (B, 3, H, W) in [0, 1], contiguous; ``params`` from ``sample_params``.
-
-        Written for memory traffic (the CPU spends as long here as in a small model's step otherwise):
-        flip and rotation are one gather on the uint8 pixels, the colour ops work in place.
-        """
-        # non_blocking: a plain host-to-GPU copy would wait for the GPU to finish its queue every batch.
-        p = {k: v.to(batch.device, non_blocking=True) for k, v in params.items()}
-        x = flip_rotate(batch, p["flip"], p["angle"])
-        col = lambda v: v.view(-1, 1, 1, 1).to(torch.float32)  # noqa: E731  per-image factor, (B, 1, 1, 1)
-        # Brightness: blend with black = scale, fused with uint8 -> [0, 1] floats.
-        x = (x * col(p["brightness"] / 255.0)).clamp_(0, 1)
-        # Contrast: blend with the mean grey level of the image (mean of grey = grey of the channel means).
-        means = x.mean(dim=(-2, -1))  # (B, 3)
-        grey_mean = (0.2989 * means[:, 0] + 0.587 * means[:, 1] + 0.114 * means[:, 2]).view(-1, 1, 1, 1)
-        c = col(p["contrast"])
-        x.mul_(c).add_((1 - c) * grey_mean).clamp_(0, 1)
-        # Saturation: blend with the image's own grey version.
-        s = col(p["saturation"])
-        grey = _grayscale(x).mul_(1 - s)  # before x changes in place
-        x.mul_(s).add_(grey).clamp_(0, 1)
-        return adjust_hue_(x, p["hue"])
-
-
-def flip_rotate(batch: torch.Tensor, flip: torch.Tensor, angle_deg: torch.Tensor) -> torch.Tensor:
-    """Flip (where ``flip``) then rotate each image about its centre, as v2.functional.horizontal_flip then
-    rotate (counter-clockwise degrees, nearest, fill 0): one gather of source pixels, any dtype and layout.
-    Returns a contiguous (B, C, H, W) tensor of ``batch``'s dtype.
-    """
-    b, c, h, w = batch.shape
-    theta = torch.deg2rad(angle_deg.to(device=batch.device, dtype=torch.float32))
-    cos, sin = torch.cos(theta), torch.sin(theta)
-    zero = torch.zeros_like(cos)
-    # affine_grid works in normalised coordinates; the aspect-ratio terms keep non-square images undistorted.
-    mat = torch.stack([torch.stack([cos, -sin * h / w, zero], -1), torch.stack([sin * w / h, cos, zero], -1)], 1)
-    grid = F.affine_grid(mat, [b, 1, h, w], align_corners=False)  # (B, H, W, 2): source x, y in [-1, 1]
-    # grid_sample's nearest lookup (align_corners=False): unnormalise, round half to even.
-    ix = torch.round(((grid[..., 0] + 1) * w - 1) / 2)
-    iy = torch.round(((grid[..., 1] + 1) * h - 1) / 2)
-    inside = (ix >= 0) & (ix <= w - 1) & (iy >= 0) & (iy <= h - 1)
-    ix = torch.where(flip.view(-1, 1, 1), (w - 1) - ix, ix)  # sampling the flipped image = mirrored column
-    src = torch.where(inside, iy.long() * w + ix.long(), 0).view(b, 1, h * w)
-    out = torch.gather(batch.flatten(2), 2, src.expand(b, c, h * w))  # (B, C, H*W)
-    out.mul_(inside.view(b, 1, h * w).to(out.dtype))  # fill 0 outside the source image
-    return out.view(b, c, h, w)
-
-
-def _grayscale(x: torch.Tensor) -> torch.Tensor:
-    r, g, b = x.unbind(-3)
-    return (0.2989 * r).add_(g, alpha=0.587).add_(b, alpha=0.114).unsqueeze(-3)
-
-
-def adjust_hue_(x: torch.Tensor, hue_factor: torch.Tensor) -> torch.Tensor:
-    """Shift hue per image by ``hue_factor`` in [-0.5, 0.5], in place (torchvision's RGB->HSV->RGB round trip)."""
-    r, g, b = x.unbind(-3)
-    maxc, minc = x.amax(dim=-3), x.amin(dim=-3)
-    cr = maxc - minc  # chroma; also v * s, the HSV -> RGB amplitude
-    grey = cr == 0
-    # Hue in sixths of a turn, as torchvision's hr/hg/hb selection: red is max, else green is max, else blue.
-    h6 = torch.where(maxc == r, g - b, torch.where(maxc == g, (b - r).add_(cr, alpha=2), (r - g).add_(cr, alpha=4)))
-    h6 = torch.where(grey, 0.0, h6.div_(torch.where(grey, 1.0, cr)))
-    h6 = h6.div_(6.0).add_(hue_factor.view(-1, 1, 1).to(h6.dtype)).remainder_(1.0).mul_(6.0)
-    # HSV -> RGB in closed form, channel c = v - v*s*clamp(min(k, 4-k), 0, 1) with k = (n_c + 6h) mod 6:
-    # the same values as torchvision's six-way select, at a fraction of the memory traffic.
-    for channel, n in ((r, 5.0), (g, 3.0), (b, 1.0)):
-        k = (h6 + n).remainder_(6.0)
-        torch.sub(maxc, torch.minimum(k, 4.0 - k).clamp_(0.0, 1.0).mul_(cr), out=channel)
-    return x
-
+__all__ = ["BUILTINS", "DataError", "EXIF_TRANSPOSE", "EvalPreset", "IMG_EXTENSIONS", "ImageData", "Splits",
+           "TrainPreset", "adjust_hue_", "carve", "check_room", "clear_memory", "data_fingerprint", "data_params",
+           "decode_image", "flip_rotate", "load_data", "make_splits", "small_class_warning", "split_manifest",
+           "stratified_split", "subset_train"]

@@ -19,8 +19,8 @@ import torch
 from . import features as feature_cache
 from .config import ConfigError, TrainConfig
 from .console import Reporter, SilentReporter
-from .data import (EvalPreset, ImageData, Splits, TrainPreset, load_data, make_splits, split_manifest,
-                   subset_train)
+from .data import (EvalPreset, ImageData, Splits, TrainPreset, data_params, load_data, make_splits,
+                   small_class_warning, split_manifest, subset_train)
 from .engine import (DeviceSettings, confusion_matrix, evaluate, iterate_batches, resolve_device,
                      resolve_precision, train_one_epoch)
 from .models import Classifier, build_model, count_parameters, get_spec
@@ -29,7 +29,7 @@ from .strategies import apply_strategy, get_strategy, thaw
 if TYPE_CHECKING:
     from .tracking import FitLogger
 
-_ANNOUNCED: set[tuple[str, int]] = set()
+_ANNOUNCED: set[tuple[str, int | str]] = set()  # what this process already told the user
 EPOCH_METRICS = ("train_loss", "train_acc", "val_loss", "val_acc", "epoch_time_s", "lr", "train_samples_per_s")
 
 
@@ -78,10 +78,17 @@ def prepare(config: TrainConfig, *, reporter: Reporter | None = None, data: Imag
             reporter.stage(f"loading {config.data} at {config.image_size}px (decoded once, then cached)")
         data = load_data(config.data, image_size=config.image_size, cache_dir=_cache_dir(config),
                          num_workers=config.num_workers)
-    splits = make_splits(data, val_fraction=config.val_fraction, seed=config.seed)
+    # Val and test are fixed by split_seed (the same test images for every run of a study); --seed moves
+    # only which training images a --samples-per-class / --train-fraction subset keeps.
+    splits = make_splits(data, val_fraction=config.val_fraction, test_fraction=config.test_fraction,
+                         split_seed=config.split_seed)
+    warning = small_class_warning(splits)
+    if warning and (data.cache_key, "small-classes") not in _ANNOUNCED:
+        _ANNOUNCED.add((data.cache_key, "small-classes"))
+        reporter.stage(warning)
     train = subset_train(splits.train, data.labels, data.classes, samples_per_class=config.samples_per_class,
                          train_fraction=config.train_fraction, seed=config.seed)
-    splits = Splits(train=train, val=splits.val, test=splits.test)
+    splits = splits.replace_train(train)
 
     torch.manual_seed(config.seed)  # head init (and the whole net for scratch) depends on the seed only
     model = build_model(config.model, num_classes=data.num_classes, pretrained=strategy.pretrained,
@@ -137,9 +144,9 @@ def run_params(prep: Prepared) -> dict[str, Any]:
     cfg = prep.config
     params: dict[str, Any] = dict(cfg.to_params())
     params.update(prep.splits.sizes())
+    params.update(data_params(prep.data, prep.splits))
     params.update({
         "num_classes": prep.data.num_classes,
-        "skipped_files": len(prep.data.skipped),
         "device_resolved": str(prep.settings.device),
         "amp_dtype": str(prep.settings.amp_dtype).replace("torch.", "") if prep.settings.amp_dtype else "fp32",
         "feature_cache_used": use_feature_cache(cfg),  # lpft: during its linear probe
@@ -453,9 +460,11 @@ def _log_results(logger: FitLogger, prep: Prepared, history: list[dict[str, floa
     classes = prep.data.classes
     for split, res in results.items():
         cm = confusion_matrix(res["pred"], res["target"], len(classes))
+        support = cm.sum(1).tolist()
+        # A class with no image in this split was not measured: "n/a", not an accuracy of 0.
         per_class = pd.DataFrame({
-            "class": classes, "support": cm.sum(1).tolist(), "correct": cm.diag().tolist(),
-            "accuracy": (cm.diag().float() / cm.sum(1).clamp(min=1).float()).tolist()})
+            "class": classes, "support": support, "correct": cm.diag().tolist(),
+            "accuracy": [c / s if s else "n/a" for c, s in zip(cm.diag().tolist(), support)]})
         logger.log_text(per_class.to_csv(index=False), f"eval/per_class_accuracy_{split}.csv")
         logger.log_figure(confusion_figure(cm.numpy(), classes, title=f"Confusion matrix ({split})"),
                           f"eval/confusion_matrix_{split}.png")

@@ -147,6 +147,7 @@ def plot_time_to_accuracy(history: pd.DataFrame, *, colors: Mapping[str, str], t
                             label=_legend_label(strategy, runs.get(strategy, 0)))
     _finish_axes(ax, title="", xlabel="Training time (s, cumulative epoch time)",
                  ylabel="Validation accuracy (%)")
+    ax.set_xlim(left=0)  # time starts at 0: an axis starting at the first epoch's end hides its cost
     if ax.lines:
         ax.legend(fontsize=9, loc="lower right")
     else:
@@ -155,8 +156,8 @@ def plot_time_to_accuracy(history: pd.DataFrame, *, colors: Mapping[str, str], t
     return fig
 
 
-BAR_ACCURACIES = (("best_val_acc", "Best val acc"), ("final_val_acc", "Final val acc"),
-                  ("final_train_acc", "Final train acc"), ("test_acc", "Test acc"))
+BAR_ACCURACIES = (("test_acc", "Test acc"), ("best_val_acc", "Best val acc"), ("final_val_acc", "Final val acc"),
+                  ("final_train_acc", "Final train acc"))
 
 
 def _grouped_bars(ax: "Axes", categories: Sequence[str], values: Mapping[str, tuple[np.ndarray, np.ndarray]],
@@ -172,16 +173,19 @@ def _grouped_bars(ax: "Axes", categories: Sequence[str], values: Mapping[str, tu
     ax.set_xticks(x, list(categories))
 
 
-def plot_bars(rows: pd.DataFrame, *, colors: Mapping[str, str], title: str = "") -> "Figure":
+def plot_bars(rows: pd.DataFrame, *, colors: Mapping[str, str], title: str = "",
+              headline: str = "test_acc") -> "Figure":
     """The seed's bar charts for one group: accuracies, total time and time per epoch (±1 std).
 
-    Unlike the seed, minutes and seconds do not share one axis: each time has its own panel.
+    The ``headline`` accuracy comes first. Unlike the seed, minutes and seconds do not share one axis:
+    each time has its own panel.
     """
     fig = _new_figure(14, 5, left=0.05, right=0.99, bottom=0.2, top=0.8, wspace=0.22)
     ax_acc, ax_total, ax_epoch = fig.subplots(1, 3, width_ratios=[2.2, 1, 1])
     rows = rows.set_index("strategy")
     strategies = [s for s in colors if s in rows.index]
-    metrics = [(m, label) for m, label in BAR_ACCURACIES if rows[f"{m}_mean"].notna().any()]
+    metrics = sorted(((m, label) for m, label in BAR_ACCURACIES if rows[f"{m}_mean"].notna().any()),
+                     key=lambda item: item[0] != headline)
     _grouped_bars(ax_acc, [label for _, label in metrics], {
         s: (100 * rows.loc[s, [f"{m}_mean" for m, _ in metrics]].to_numpy(dtype=float),
             100 * rows.loc[s, [f"{m}_std" for m, _ in metrics]].to_numpy(dtype=float)) for s in strategies},

@@ -58,10 +58,19 @@ class SweepSpec:
                         out.append(cfg.resolve())
         return out
 
-    def sweep_id(self) -> str:
-        """Stable id of this study: the base settings and the grid."""
+    def data_id(self) -> str:
+        """The data's content fingerprint (``./base``, ``base/`` and /abs/base are one dataset; added images
+        make another): what the sweep's ids use instead of the ``--data`` string."""
+        from .config import cache_root
+        from .data import data_fingerprint
+
+        return data_fingerprint(self.base.data, cache_dir=cache_root(self.base))
+
+    def sweep_id(self, data_id: str | None = None) -> str:
+        """Stable id of this study: the base settings (with the data by content) and the grid."""
         axes = {"strategy", "samples_per_class"} | ({"lr"} if self.lrs else set())
-        base = {k: v for k, v in self.base.identity().items() if k not in axes}
+        ident = self.base.identity(data_id=data_id or self.data_id())
+        base = {k: v for k, v in ident.items() if k not in axes}
         grid: dict[str, list] = {"strategies": list(self.strategies), "seeds": list(self.seeds),
                                  "samples_per_class": ["all" if n is None else n for n in self.samples_per_class]}
         if self.lrs:  # absent without --lrs, so a study started before the lr axis keeps its id
@@ -76,9 +85,9 @@ class SweepSpec:
                                    * len(self.lrs or (self.base.lr,)))}
 
 
-def cell_id(cfg: TrainConfig) -> str:
-    """Hash of what defines a cell's result: the config's identity and the seed."""
-    return digest({**cfg.identity(), "seed": str(cfg.seed)})
+def cell_id(cfg: TrainConfig, data_id: str | None = None) -> str:
+    """Hash of what defines a cell's result: the config's identity (with the data's fingerprint) and the seed."""
+    return digest({**cfg.identity(data_id=data_id), "seed": str(cfg.seed)})
 
 
 @dataclass
@@ -102,14 +111,15 @@ class SweepResult:
         return [c for c in self.cells if c.status == "FAILED"]
 
 
-def plan(spec: SweepSpec) -> list[Cell]:
+def plan(spec: SweepSpec, *, data_id: str | None = None) -> list[Cell]:
     """The cells and what a run of the sweep would do with each (reads the store, writes nothing)."""
     from . import tracking
 
-    existing = tracking.sweep_children(spec.base.experiment, spec.sweep_id())
+    data_id = data_id or spec.data_id()
+    existing = tracking.sweep_children(spec.base.experiment, spec.sweep_id(data_id))
     cells = []
     for i, cfg in enumerate(spec.cells(), 1):
-        cid = cell_id(cfg)
+        cid = cell_id(cfg, data_id)
         statuses = existing.get(cid, [])
         if any(status == "FINISHED" for status, _ in statuses):
             run_id = next(r for status, r in statuses if status == "FINISHED")
@@ -147,10 +157,12 @@ def run_sweep(spec: SweepSpec, *, reporter: Any = None,
     spec.validate()
     tracking.check_store()
     preflight(spec, reporter=None)
-    cells = plan(spec)
+    data_id = spec.data_id()
+    sweep_id = spec.sweep_id(data_id)
+    cells = plan(spec, data_id=data_id)
     todo = [c for c in cells if c.action != "skip"]
     result = SweepResult(parent_run_id=None, cells=cells)
-    with tracking.sweep_run(experiment=spec.base.experiment, sweep_id=spec.sweep_id(),
+    with tracking.sweep_run(experiment=spec.base.experiment, sweep_id=sweep_id,
                             params={**spec.base.resolve().to_params(), **spec.grid_params()}) as parent:
         result.parent_run_id = parent.run_id
         done: list[Cell] = []
@@ -162,7 +174,7 @@ def run_sweep(spec: SweepSpec, *, reporter: Any = None,
             cell.status = "RUNNING"
             try:
                 summary = train(cell.config, reporter=reporter, parent_run_id=parent.run_id,
-                                extra_tags={tracking.TAG_SWEEP: spec.sweep_id(), tracking.TAG_CELL: cell.cell_id})
+                                extra_tags={tracking.TAG_SWEEP: sweep_id, tracking.TAG_CELL: cell.cell_id})
                 cell.run_id, cell.status = summary.run_id, "FINISHED"
             except KeyboardInterrupt:
                 cell.status = "KILLED"

@@ -11,6 +11,7 @@ Under ``mlflow run`` the entry point logs into the run MLflow created
 that ``tlexp compare`` searches for.
 """
 
+from .comparison import log_comparison_run
 from .logger import FitLogger, NullLogger
 from .runs import RunLogger, load_checkpoint, sweep_run, training_run
 from .signals import Interrupted, raise_pending, sigterm_as_interrupt, signals_deferred
@@ -22,4 +23,4 @@ from .runs import outer_run_id
 from .store import mark_model_training
 from .ui import ui_hint
 
-# Everything above is this package's public face (one name per import, so merges add lines, not rewrite them).
+# The names imported above are this package's public face.
