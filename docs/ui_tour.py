@@ -25,7 +25,7 @@ from typing import Iterator
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                  "--disable-sync", "--no-first-run"]
-VIEWPORT = {"width": 1280, "height": 800}
+VIEWPORT = {"width": 1400, "height": 900}
 WAIT_MS = 60_000  # the first page load compiles MLflow's large JS bundle: slow on a busy 2-core machine
 
 
@@ -121,6 +121,12 @@ def tour(base: str, *, experiment_id: str, comparison_run_id: str, run_names: li
             page.goto(f"{base}/#/experiments/{experiment_id}/runs/{comparison_run_id}?workflowType=machine_learning")
             page.get_by_text("Description", exact=True).first.wait_for()
             _close_assistant(page)
+            more = page.get_by_text("Show more", exact=True)
+            if more.count():  # a long description starts folded
+                more.first.click()
+            findings = page.get_by_role("heading", name="Findings")
+            findings.wait_for()
+            findings.scroll_into_view_if_needed()
             page.wait_for_timeout(500)
             seen.comparison = page.inner_text("body")
             seen.screenshots.append(_shot(page, out_dir / "comparison.png"))

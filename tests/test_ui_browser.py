@@ -71,6 +71,10 @@ def test_a_person_sees_the_runs_their_dataset_a_chart_and_the_findings(tracking_
     # The comparison run's page shows its findings as the run's description (tlexp compare sets it).
     note = comparison.data.tags.get("mlflow.note.content", "")
     assert note.strip(), "the comparison run has no description (mlflow.note.content)"
-    first_line = next(line for line in note.splitlines() if _plain(line))
-    assert _plain(first_line) in _plain(seen.comparison)
+    lines = note.splitlines()
+    findings = [line[2:] for line in lines[lines.index("## Findings"):] if line.startswith("- ")]
+    assert findings, note
+    shown = _plain(seen.comparison)
+    assert "Findings" in shown and _plain(lines[0]) in shown  # the title and the (unfolded) findings
+    assert [line for line in findings if _plain(line) not in shown] == [], shown
     assert all(path.stat().st_size > 10_000 for path in seen.screenshots)

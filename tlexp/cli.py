@@ -354,7 +354,7 @@ def compare(
 
         Console().print(f"Report: {result.output_dir / 'report.html'}  ({len(result.files)} files in "
                         f"{result.output_dir})", soft_wrap=True)
-        _print_ui_hint(run_id=result.run_id, experiment=experiment)
+        _print_ui_hint(run_id=result.run_id, experiment=experiment, uri=tracking_uri)
 
 
 def _parse_int(option: str, value: str) -> int:
@@ -443,13 +443,13 @@ def _print_summaries(summaries: list) -> None:
     _print_ui_hint(run_id=summaries[-1].run_id)
 
 
-def _print_ui_hint(*, run_id: str | None, experiment: str | None = None) -> None:
+def _print_ui_hint(*, run_id: str | None, experiment: str | None = None, uri: str | None = None) -> None:
     """The end of train, sweep and compare: the command and the link that open the runs table."""
     from rich.console import Console
 
     from .tracking import ui_hint
 
-    for line in ui_hint(run_id=run_id, experiment=experiment):
+    for line in ui_hint(run_id=run_id, experiment=experiment, uri=uri):
         Console().print(line, soft_wrap=True, markup=False, highlight=False)
 
 

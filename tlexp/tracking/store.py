@@ -177,12 +177,12 @@ def experiment_id(name: str) -> str:
     return found.experiment_id
 
 
-def mark_model_training(experiment: Any) -> None:
+def mark_model_training(experiment: Any, *, client: Any = None) -> None:
     """Tag ``experiment`` (an MLflow Experiment or its id) as model training, so that MLflow's UI opens it
-    on its runs table rather than on the GenAI pages. Writes only when the tag is missing."""
+    on its runs table rather than on the GenAI pages. Writes only when the tag is not already so."""
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient()
+    client = client or MlflowClient()
     if isinstance(experiment, str):
         experiment = client.get_experiment(experiment)
     if experiment.tags.get(TAG_EXPERIMENT_KIND) != EXPERIMENT_KIND_TRAINING:

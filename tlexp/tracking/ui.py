@@ -31,15 +31,15 @@ def ui_command(uri: str) -> str | None:
     return f"mlflow ui --backend-store-uri {shlex.quote(uri)}"
 
 
-def ui_hint(*, run_id: str | None = None, experiment: str | None = None) -> list[str]:
+def ui_hint(*, run_id: str | None = None, experiment: str | None = None, uri: str | None = None) -> list[str]:
     """Lines that tell the user how to open the runs table of ``run_id``'s experiment (or of the experiment
-    named ``experiment``); empty if neither can be found."""
+    named ``experiment``) in store ``uri`` (default: the current one); empty if neither can be found."""
     from mlflow.tracking import MlflowClient
 
     from .store import tracking_uri
 
-    uri = tracking_uri()
-    client = MlflowClient()
+    uri = uri or tracking_uri()
+    client = MlflowClient(uri)
     exp_id = None
     try:
         if run_id is not None:
