@@ -181,7 +181,7 @@ def main() -> None:
 
         torch.save(TinyCNN().state_dict(), work / "weights.pt")  # stands in for pretrained weights
         with serve_ui(uri, cwd=work) as base:  # starts while the study trains
-            make_study(work, data="digits", weights=str(work / "weights.pt"), epochs=4, image_size=16)
+            make_study(work, data="digits", weights="weights.pt", epochs=4, image_size=16)
             client = MlflowClient()
             exp = client.get_experiment_by_name("tl-vs-scratch")
             runs = client.search_runs([exp.experiment_id])
