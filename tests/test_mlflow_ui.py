@@ -128,3 +128,29 @@ def test_under_mlflow_run_several_strategies_are_child_runs_of_the_run_mlflow_cr
     assert all(r.data.params["strategy"] == r.data.tags["strategy"] for r in children)  # one strategy a run
     assert "val_acc" not in runs[outer.info.run_id].data.metrics  # nothing trained into the outer run
     assert client.get_experiment("0").tags["mlflow.experimentKind"] == "custom_model_development"
+
+
+@pytest.mark.slow
+def test_real_mlflow_run_with_two_strategies_nests_them(tracking_uri, tmp_path):
+    """`mlflow run . -P strategy=scratch,transfer --env-manager local`, for real (efficientnet_lite0's offline
+    weights, 1 epoch on 16 images): two child runs under the run MLflow created."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    data = make_image_tree(tmp_path / "pets", {"train": {"cat": 4, "dog": 4}, "val": {"cat": 2, "dog": 2}}, size=32)
+    env = {**os.environ, "PYTHONPATH": str(root), "MLFLOW_TRACKING_URI": tracking_uri,
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    done = subprocess.run([sys.executable, "-m", "mlflow", "run", str(root), "--env-manager", "local",
+                           "-P", "strategy=scratch,transfer", "-P", f"data={data}", "-P", "epochs=1",
+                           "-P", "image_size=32", "-P", "batch_size=8"],
+                          env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    runs = MlflowClient().search_runs(["0"])
+    (outer,) = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == outer.info.run_id]
+    assert outer.data.params["strategy"] == "scratch,transfer" and "val_acc" not in outer.data.metrics
+    assert sorted(r.data.tags["strategy"] for r in children) == ["scratch", "transfer"]
+    assert all(r.info.status == "FINISHED" and "val_acc" in r.data.metrics for r in children)
