@@ -958,3 +958,39 @@ def test_report_and_plots_import_only_the_data_types_from_compare():
         imported |= {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
         from_compare = {name for name in imported if "compare" in name}
         assert from_compare <= {"tlexp.compare.types"}, (module, from_compare)
+
+
+def test_a_manifest_never_reaches_outside_the_output_folder(tmp_path):
+    out, victim = tmp_path / "out", tmp_path / "victim.txt"
+    out.mkdir()
+    victim.write_text("keep")
+    (out / "old.png").write_bytes(b"x")
+    (out / ".tlexp-compare.json").write_text('{"files": ["old.png", "../victim.txt", "/etc/hostname", 7]}')
+    compare.run.clear_previous(out)
+    assert not (out / "old.png").exists() and victim.read_text() == "keep"
+    (out / ".tlexp-compare.json").write_text("not json")
+    compare.run.clear_previous(out)  # a damaged manifest clears nothing and raises nothing
+
+
+def test_runs_without_a_fingerprint_are_named_when_others_have_one(store, tmp_path):
+    client, uri = store
+    eid = new_experiment(client, tmp_path)
+    log_fake_run(client, eid, strategy="scratch", seed=1, val_acc=[0.5], data_fingerprint="ab" * 16)
+    log_fake_run(client, eid, strategy="scratch", seed=2, val_acc=[0.7])
+    comparison = build(uri)
+    assert len(comparison.table) == 2  # the same folder perhaps, but nothing proves it
+    assert any("1 run logged no data fingerprint (older tlexp): it is grouped by the --data string" in n
+               for n in comparison.notes)
+
+
+def test_a_flipped_order_without_a_reliable_winner_is_not_a_new_verdict(store, tmp_path):
+    client, uri = store
+    eid = new_experiment(client, tmp_path)
+    noise = (0.10, -0.08, 0.0)  # large against the differences: no interval excludes 0
+    for seed, e in enumerate(noise):
+        log_fake_run(client, eid, strategy="transfer", seed=seed, lr=1e-3, val_acc=[0.6], test_acc=0.62 + e)
+        log_fake_run(client, eid, strategy="scratch", seed=seed, lr=1e-3, val_acc=[0.5], test_acc=0.60 - e)
+        log_fake_run(client, eid, strategy="scratch", seed=seed, lr=1e-2, val_acc=[0.7], test_acc=0.64 - e)
+    text = all_text(build(uri))
+    assert ("no strategy is reliably ahead (transfer ranks first); tuned, no strategy is reliably ahead (scratch "
+            "ranks first): tuning does not change the verdict, only the order.") in text

@@ -107,6 +107,14 @@ def test_bars_show_means_in_percent_and_seconds():
     assert ax_acc.get_ylabel() == "Accuracy (%)" and ax_total.get_ylabel() == "Seconds"
 
 
+def test_bars_lead_with_the_headline_accuracy():
+    rows = _table_rows().assign(test_acc_mean=[0.8, 0.5], test_acc_std=[0.02, 0.02])
+    ax_acc = plots.plot_bars(rows, colors=COLORS).axes[0]
+    assert [t.get_text() for t in ax_acc.get_xticklabels()][0] == "Test acc"
+    ax_val = plots.plot_bars(rows, colors=COLORS, headline="best_val_acc").axes[0]
+    assert [t.get_text() for t in ax_val.get_xticklabels()][:2] == ["Best val acc", "Test acc"]
+
+
 def test_data_efficiency_is_log_scaled_with_one_line_per_strategy():
     eff = pd.DataFrame({
         "size": [5.0, 50.0, 500.0, 5.0, 50.0, 500.0],

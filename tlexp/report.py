@@ -141,7 +141,7 @@ def tuning_display(comparison: Comparison) -> pd.DataFrame | None:
         return None
     out = pd.DataFrame({key_label(k): [display_value(k, v) for v in tuning[k]] for k in comparison.group_keys})
     out["Strategy"] = tuning["strategy"].to_numpy()
-    for key in comparison.tuned_keys:
+    for key in [c[len("candidates_"):] for c in tuning.columns if c.startswith("candidates_")]:
         out[f"Chosen {key_label(key)}"] = tuning[key].to_numpy()
         out[f"Tried {key_label(key)}"] = tuning[f"candidates_{key}"].to_numpy()
     out["Val acc (%)"] = [_PCT(v, math.nan) for v in tuning["val_acc_mean"]]

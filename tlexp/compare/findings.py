@@ -88,6 +88,7 @@ def tuning_findings(rows: pd.DataFrame, default_rows: pd.DataFrame, tuned_keys: 
     """The setting chosen per strategy on validation, and whether the verdict differs from the default's."""
     if not tuned_keys:
         return []
+
     def setting(r: Any) -> str:
         return ", ".join(f"{k}={getattr(r, k)}" for k in tuned_keys)
 
@@ -99,9 +100,14 @@ def tuning_findings(rows: pd.DataFrame, default_rows: pd.DataFrame, tuned_keys: 
     defaults = "; ".join(f"{r.strategy} {setting(r)}" for r in default_rows.itertuples())
     top_tuned = rows.sort_values(f"{metric}_mean", ascending=False).iloc[0]["strategy"]
     top_default = default_rows.sort_values(f"{metric}_mean", ascending=False).iloc[0]["strategy"]
-    changed = tuned != default or top_tuned != top_default
+    if tuned != default:
+        outcome = "tuning changes the verdict"
+    elif top_tuned != top_default:
+        outcome = "tuning does not change the verdict, only the order"
+    else:
+        outcome = "tuning does not change the verdict"
     lines.append(f"At the default settings ({defaults}) {_verdict(default, top_default)}; tuned, "
-                 f"{_verdict(tuned, top_tuned)}: tuning {'changes' if changed else 'does not change'} the verdict.")
+                 f"{_verdict(tuned, top_tuned)}: {outcome}.")
     return lines
 
 

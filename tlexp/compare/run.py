@@ -46,12 +46,14 @@ def build_comparison(experiment: str, runs: pd.DataFrame, history: pd.DataFrame,
                      f"the epoch was chosen on those same images. Re-run them for a held-out test score.")
     chosen = aggregate.chosen_runs(per_run, table)
     paired = stats.paired_tests(chosen, group_keys, metric)
-    several = table.groupby([*group_keys, "strategy"], sort=False).size()
+    per_strategy = table.groupby([*group_keys, "strategy"], sort=False)
     tuning = default_paired = None
-    if (several > 1).any():
+    if (per_strategy.size() > 1).any():
         default_paired = stats.paired_tests(aggregate.chosen_runs(per_run, table, "default"), group_keys, metric)
-        tuning = tuning_table(table, group_keys, tuned_keys)
-        notes.append(f"Runs differ in {', '.join(tuned_keys)} within a strategy: the table shows, per group and "
+        # the settings actually tuned: several values within one strategy (weights differ only between them)
+        within = [k for k in tuned_keys if (per_strategy[k].nunique() > 1).any()]
+        tuning = tuning_table(table, group_keys, within)
+        notes.append(f"Runs differ in {', '.join(within)} within a strategy: the table shows, per group and "
                      f"strategy, the setting with the best mean validation accuracy (tuning.csv); comparison.csv "
                      f"keeps every row.")
     sections = []
@@ -62,7 +64,7 @@ def build_comparison(experiment: str, runs: pd.DataFrame, history: pd.DataFrame,
         sections += findings.group_findings(label, rows, group_pairs, metric, history,
                                             _in_group(chosen, group_keys, ref))
         if default_paired is not None and len(group_table) > len(rows):
-            lines = findings.tuning_findings(rows, group_table[group_table["default"]], tuned_keys, group_pairs,
+            lines = findings.tuning_findings(rows, group_table[group_table["default"]], within, group_pairs,
                                              _in_group(default_paired, group_keys, ref), metric)
             sections.append(Section(f"Tuning ({label})" if label else "Tuning", lines))
     efficiency = stats.data_efficiency(chosen, group_keys, metric)

@@ -133,8 +133,9 @@ def data_efficiency(runs: pd.DataFrame, group_keys: Sequence[str], metric: str) 
 def crossover_points(per_size: pd.DataFrame, paired: pd.DataFrame, size_keys: Sequence[str]) -> pd.DataFrame:
     """Per measured size of one family: the best pretrained strategy there and its difference to scratch.
 
-    Columns: size, best, then PAIRED_COLUMNS from n on (best − scratch), and status ('behind': the interval lies above 0,
-    scratch is still behind; 'caught up': it includes 0 or lies below; 'unknown': no interval).
+    Columns: size, best, then PAIRED_COLUMNS from n on (best − scratch), and status ('behind': the
+    interval lies above 0, scratch is still behind; 'caught up': it includes 0 or lies below; 'unknown':
+    no interval).
     """
     rows = []
     for size, here in per_size.groupby("size", sort=True):

@@ -54,7 +54,8 @@ def log_comparison_run(client: "MlflowClient", *, experiment: str, files: Sequen
         else:
             run_id = client.create_run(exp_id, run_name=RUN_NAME, tags=tags).info.run_id
         if len(description) > MAX_TAG_VAL_LENGTH:  # a big sweep's findings: the rest is in report.html
-            description = description[:MAX_TAG_VAL_LENGTH - 60].rsplit("\n", 1)[0] + "\n\n… (continued in report.html)"
+            cut = description[:MAX_TAG_VAL_LENGTH - 60].rsplit("\n", 1)[0]
+            description = cut + "\n\n… (continued in report.html)"
         generated = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
         all_tags = {**tags, **{f"tlexp.{k}": str(v) for k, v in params.items()}, TAG_GENERATED: generated,
                     TAG_NOTE: description}
