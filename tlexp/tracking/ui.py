@@ -21,8 +21,10 @@ def ui_command(uri: str) -> str | None:
     else with ``--backend-store-uri`` (shell-quoted); None for a tracking server, which serves its own UI."""
     if uri.startswith(("http://", "https://", "databricks")):
         return None
-    if uri.startswith("sqlite:///"):
-        path = os.path.abspath(uri[len("sqlite:///"):])
+    from .store import sqlite_path
+
+    path = sqlite_path(uri)
+    if path is not None:
         if path == os.path.abspath("mlflow.db"):
             return "mlflow ui"
         uri = f"sqlite:///{path}"  # absolute: the command works from any folder
