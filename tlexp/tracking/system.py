@@ -24,6 +24,9 @@ def system_metrics(run_id: str, *, enabled: bool = True, resumed: bool = False) 
     if not enabled:
         yield
         return
+    quiet = logging.getLogger("mlflow.system_metrics")
+    if quiet.level == logging.NOTSET:  # its INFO lines (started, stopping, no GPU) would break the CLI's output
+        quiet.setLevel(logging.WARNING)
     try:
         from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
