@@ -284,9 +284,13 @@ def train(
             from .experiment import preflight
 
             preflight(configs, reporter=reporter)
+        # Under `mlflow run`, several strategies are child runs of the run MLflow created, never one run.
+        from .tracking import outer_run_id
+
+        parent = outer_run_id() if len(configs) > 1 else None
         summaries = []
         for cfg in configs:
-            summaries.append(train_run(cfg, reporter=reporter))
+            summaries.append(train_run(cfg, reporter=reporter, parent_run_id=parent))
         _print_summaries(summaries)
 
 
@@ -337,8 +341,9 @@ def sweep(
         result = run_sweep(spec, reporter=_reporter(quiet, prefix="  "),
                            on_cell=lambda cell, n, eta: console.print(_cell_line(cell, n, eta), soft_wrap=True))
         _print_plan(result.cells, title=f"sweep finished (parent run {result.parent_run_id})")
-        Console().print(f"Compare: `tlexp compare --experiment {shlex.quote(experiment)}`  |  UI: `mlflow ui`",
-                        soft_wrap=True, markup=False)
+        Console().print(f"Compare: `tlexp compare --experiment {shlex.quote(experiment)}`", soft_wrap=True,
+                        markup=False)
+        _print_ui_hint(run_id=result.parent_run_id)
         if result.failed:
             typer.secho(f"Error: {len(result.failed)} cell(s) failed; their runs hold the traceback. Re-run the "
                         f"same command to retry only those.", err=True, fg=typer.colors.RED)
@@ -377,6 +382,7 @@ def compare(
 
         Console().print(f"Report: {result.output_dir / 'report.html'}  ({len(result.files)} files in "
                         f"{result.output_dir})", soft_wrap=True)
+        _print_ui_hint(run_id=result.run_id, experiment=experiment, uri=uri)
         if unlogged:
             typer.secho(f"Error: the report was written, but not logged to MLflow: tracking store {uri!r} cannot "
                         f"be written ({unlogged}); pass --no-log to skip logging.", err=True, fg=typer.colors.RED)
@@ -465,8 +471,18 @@ def _print_summaries(summaries: list) -> None:
     for s in summaries:
         console.print(f"run id {s.run_id}  ({s.config.run_name})", soft_wrap=True, markup=False)
     console.print(f"Tracking store: {tracking_uri()}", soft_wrap=True)
-    console.print(f"Look at it: `mlflow ui` (then open http://127.0.0.1:5000) or "
-                  f"`tlexp compare --experiment {shlex.quote(exp)}`.", soft_wrap=True, markup=False)
+    console.print(f"Compare: `tlexp compare --experiment {shlex.quote(exp)}`", soft_wrap=True, markup=False)
+    _print_ui_hint(run_id=summaries[-1].run_id)
+
+
+def _print_ui_hint(*, run_id: str | None, experiment: str | None = None, uri: str | None = None) -> None:
+    """The end of train, sweep and compare: the command and the link that open the runs table."""
+    from rich.console import Console
+
+    from .tracking import ui_hint
+
+    for line in ui_hint(run_id=run_id, experiment=experiment, uri=uri):
+        Console().print(line, soft_wrap=True, markup=False, highlight=False)
 
 
 def _short(n: float) -> str:

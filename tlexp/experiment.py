@@ -7,6 +7,7 @@ a bad setting fails fast and leaves nothing in the store.
 from __future__ import annotations
 
 import copy
+import os
 import math
 import platform
 import time
@@ -182,16 +183,39 @@ def train(config: TrainConfig, *, reporter: Reporter | None = None, data: ImageD
     start_epoch = int(checkpoint["epoch"]) if checkpoint else 0
     with tracking.training_run(experiment=cfg.experiment, run_name=cfg.run_name or cfg.default_run_name(),
                                tags=tags, parent_run_id=parent_run_id, resume_run_id=resume_run_id,
-                               start_step=start_epoch) as logger:
+                               start_step=start_epoch, system_metrics=cfg.system_metrics) as logger:
         if checkpoint is None:
             logger.log_params(run_params(prep))
             _log_data_artifacts(logger, prep)
+            tracking.log_datasets(logger.run_id, name=prep.data.name, source=_data_source(cfg.data),
+                                  fingerprint=prep.data.fingerprint, splits=_split_inputs(prep))
         try:
             summary = fit(prep, logger, reporter, checkpoint)
         except Diverged as exc:  # recorded, so that --resume can say why continuing would diverge again
             logger.set_tags({tracking.TAG_DIVERGED_EPOCH: str(exc.epoch)})
             raise
     return RunSummary(run_id=logger.run_id, config=cfg, metrics=summary["metrics"], history=summary["history"])
+
+
+def _data_source(data: str) -> str:
+    """Where the data came from, as the run's dataset inputs show it: a built-in's loader, or the folder."""
+    builtin = {"digits": "sklearn digits", "flowers102": "torchvision Flowers102"}
+    return builtin.get(data) or os.path.abspath(os.path.expanduser(data))
+
+
+def _split_inputs(prep: Prepared) -> list[Any]:
+    """The run's splits with their members and class counts, for ``tracking.log_datasets``."""
+    from .tracking import SplitInput
+
+    out = []
+    for split in ("train", "val", "test"):
+        index = getattr(prep.splits, split)
+        if index is None or not len(index):
+            continue
+        counts = torch.bincount(prep.data.labels[index], minlength=prep.data.num_classes).tolist()
+        out.append(SplitInput(split=split, indices=index.tolist(),
+                              class_counts=dict(zip(prep.data.classes, counts))))
+    return out
 
 
 def _log_data_artifacts(logger: Any, prep: Prepared) -> None:

@@ -19,5 +19,9 @@ from .store import (CHECKPOINT_ARTIFACT, TAG_CELL, TAG_DIVERGED_EPOCH, TAG_ERROR
                     TAG_STALE_CHECKPOINT, TAG_SWEEP, TrackingError, check_store, experiment_id, find_run, quick_http,
                     resumable_run, retry_locked, run_exists, search_tagged, sqlite_path, store_exists, sweep_children,
                     tag_equals, tagged, tracking_uri, write_problem)
+from .datasets import SplitInput, log_datasets
+from .runs import outer_run_id
+from .store import mark_model_training
+from .ui import ui_hint
 
 # The names imported above are this package's public face.

@@ -12,7 +12,7 @@ import datetime as dt
 from pathlib import Path
 from typing import TYPE_CHECKING, Mapping, Sequence
 
-from .store import TAG_EXPERIMENT, TAG_KIND, TrackingError, _first_line, tag_equals
+from .store import TAG_EXPERIMENT, TAG_KIND, TrackingError, _first_line, mark_model_training, tag_equals
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -44,6 +44,7 @@ def log_comparison_run(client: "MlflowClient", *, experiment: str, files: Sequen
             raise ComparisonLogError(f"Experiment {experiment!r} is deleted, so the report cannot be logged to "
                                      f"it; restore it, or pass --no-log.")
         exp_id = found.experiment_id if found is not None else client.create_experiment(experiment)
+        mark_model_training(exp_id, client=client)
         earlier = client.search_runs([exp_id], tag_equals(TAG_KIND, KIND_COMPARISON),
                                      order_by=["attributes.start_time DESC"], max_results=1000)
         tags = {TAG_KIND: KIND_COMPARISON, TAG_EXPERIMENT: experiment, "mlflow.runName": RUN_NAME}

@@ -12,7 +12,7 @@ from typing import Any, Iterator
 
 from .signals import Interrupted, raise_pending, sigterm_as_interrupt, signals_deferred
 from .store import (CHECKPOINT_ARTIFACT, TAG_ERROR, TAG_EXPERIMENT, TAG_KIND, TAG_STALE_CHECKPOINT, TAG_SWEEP,
-                    TrackingError, _first_line, experiment_id, retry_locked, search_tagged)
+                    TrackingError, _first_line, experiment_id, mark_model_training, retry_locked, search_tagged)
 
 
 def _same_number(a: str, b: str) -> bool:
@@ -162,14 +162,31 @@ def _active(run_id: str) -> Iterator[None]:
             os.environ["MLFLOW_RUN_ID"] = env_run
 
 
+def outer_run_id() -> str | None:
+    """The run ``mlflow run`` created for this process (``MLFLOW_RUN_ID``), if any.
+
+    One strategy logs into it; several strategies become child runs nested under it (pass it as
+    ``parent_run_id``), so that no run ever holds two strategies.
+    """
+    return os.environ.get("MLFLOW_RUN_ID") or None
+
+
 @contextlib.contextmanager
 def training_run(*, experiment: str, run_name: str, tags: dict[str, str], parent_run_id: str | None = None,
-                 resume_run_id: str | None = None, start_step: int = 0) -> Iterator[RunLogger]:
-    """Open (or attach to, or resume) a run, and always close it FINISHED, FAILED or KILLED."""
+                 resume_run_id: str | None = None, start_step: int = 0,
+                 system_metrics: bool = False) -> Iterator[RunLogger]:
+    """Open (or attach to, or resume) a run, and always close it FINISHED, FAILED or KILLED.
+
+    With ``system_metrics``, MLflow samples CPU/memory/GPU into the run until it closes.
+    """
+    from .system import system_metrics as monitored
+
     with sigterm_as_interrupt():
         with _opened_run(experiment=experiment, run_name=run_name, tags=tags, parent_run_id=parent_run_id,
                          resume_run_id=resume_run_id, start_step=start_step) as logger:
-            yield logger
+            # Inside the run: the sampling thread stops before the run's final status is written.
+            with monitored(logger.run_id, enabled=system_metrics, resumed=resume_run_id is not None):
+                yield logger
 
 
 @contextlib.contextmanager
@@ -179,7 +196,7 @@ def _opened_run(*, experiment: str, run_name: str, tags: dict[str, str], parent_
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient()
-    env_run = os.environ.get("MLFLOW_RUN_ID")
+    env_run = outer_run_id()
     all_tags = {TAG_EXPERIMENT: experiment, TAG_KIND: "train", **tags}
     # A signal while the run is created waits for the try below: the run is never left RUNNING.
     with signals_deferred(pending="keep"):
@@ -193,10 +210,13 @@ def _opened_run(*, experiment: str, run_name: str, tags: dict[str, str], parent_
             # `mlflow run` created this run (in the experiment it chose); log into it.
             run_id = env_run
             client.update_run(run_id, status="RUNNING", name=run_name)
+            mark_model_training(client.get_run(run_id).info.experiment_id)
         else:
             if parent_run_id is not None:
                 exp_id = client.get_run(parent_run_id).info.experiment_id
                 all_tags["mlflow.parentRunId"] = parent_run_id
+                if parent_run_id == env_run:  # the experiment `mlflow run` chose, not one tlexp created
+                    mark_model_training(exp_id)
             else:
                 exp_id = experiment_id(experiment)
             run_id = retry_locked(client.create_run, exp_id, run_name=run_name, tags=all_tags).info.run_id
@@ -306,9 +326,10 @@ def sweep_run(*, experiment: str, sweep_id: str, params: dict[str, Any]) -> Iter
 
     client = MlflowClient()
     tags = {TAG_EXPERIMENT: experiment, TAG_KIND: "sweep", TAG_SWEEP: sweep_id}
-    env_run = os.environ.get("MLFLOW_RUN_ID")
+    env_run = outer_run_id()
     if env_run:
         run_id = env_run
+        mark_model_training(client.get_run(run_id).info.experiment_id)
     else:
         exp_id = experiment_id(experiment)
         previous = search_tagged(client, [exp_id], {TAG_SWEEP: sweep_id, TAG_KIND: "sweep"},

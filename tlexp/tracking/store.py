@@ -15,6 +15,9 @@ TAG_SWEEP = "tlexp.sweep_id"
 TAG_CELL = "tlexp.cell_id"
 TAG_DIVERGED_EPOCH = "tlexp.diverged_epoch"  # a run that ended FAILED on a non-finite loss, and when
 CHECKPOINT_ARTIFACT = "checkpoint/last.pt"
+# MLflow 3's UI opens an experiment on its GenAI pages unless this tag says it holds model training.
+TAG_EXPERIMENT_KIND = "mlflow.experimentKind"
+EXPERIMENT_KIND_TRAINING = "custom_model_development"
 TAG_STALE_CHECKPOINT = "tlexp.stale_checkpoint"  # set where the store could not delete a finished run's checkpoint
 
 
@@ -211,15 +214,28 @@ def experiment_id(name: str) -> str:
 
     client = MlflowClient()
     found = client.get_experiment_by_name(name)
-    if found is not None:
-        return found.experiment_id
-    try:
-        return retry_locked(client.create_experiment, name)
-    except MlflowException:  # another process created it first
-        found = client.get_experiment_by_name(name)
-        if found is None:
-            raise
-        return found.experiment_id
+    if found is None:
+        try:
+            return retry_locked(client.create_experiment, name, tags={TAG_EXPERIMENT_KIND: EXPERIMENT_KIND_TRAINING})
+        except MlflowException:  # another process created it first
+            found = client.get_experiment_by_name(name)
+            if found is None:
+                raise
+    mark_model_training(found)
+    return found.experiment_id
+
+
+def mark_model_training(experiment: Any, *, client: Any = None) -> None:
+    """Tag ``experiment`` (an MLflow Experiment or its id) as model training, so that MLflow's UI opens it
+    on its runs table rather than on the GenAI pages. Writes only when the tag is not already so."""
+    from mlflow.tracking import MlflowClient
+
+    client = client or MlflowClient()
+    if isinstance(experiment, str):
+        experiment = client.get_experiment(experiment)
+    if experiment.tags.get(TAG_EXPERIMENT_KIND) != EXPERIMENT_KIND_TRAINING:
+        retry_locked(client.set_experiment_tag, experiment.experiment_id, TAG_EXPERIMENT_KIND,
+                     EXPERIMENT_KIND_TRAINING)
 
 
 def run_exists(run_id: str) -> Any:
