@@ -245,7 +245,10 @@ def train(
     train_fraction: Annotated[float, typer.Option(help="Train on this stratified fraction of the train split.")] = 1.0,
     run_name: Annotated[Optional[str], typer.Option(help="MLflow run name (default strategy-model-sSEED).")] = None,
     resume: Annotated[Optional[str], typer.Option(help="Continue an interrupted run (its RUN_ID) from its "
-                                                       "last completed epoch.")] = None,
+                                                       "last saved epoch.")] = None,
+    force: Annotated[bool, typer.Option("--force", help="With --resume: continue a RUNNING run even though "
+                                                        "its heartbeat is recent (you know its process is "
+                                                        "dead).")] = False,
     quiet: QuietOpt = False,
     options: dict[str, Any],
 ) -> None:
@@ -255,9 +258,12 @@ def train(
     with user_errors():
         reporter = _reporter(quiet)
         if resume is not None:
-            summary = train_run(TrainConfig(), reporter=reporter, resume_run_id=resume)
+            summary = train_run(TrainConfig(), reporter=reporter, resume_run_id=resume, force=force)
             _print_summaries([summary])
             return
+        if force:
+            raise ConfigError("--force only goes with --resume RUN_ID (it resumes a RUNNING run whose process "
+                              "is dead).")
         strategies = parse_strategies("--strategy", strategy)
         base = config_from_options(options, strategy=strategies[0], seed=seed, run_name=run_name,
                                    samples_per_class=parse_samples_per_class(samples_per_class),

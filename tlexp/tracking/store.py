@@ -186,16 +186,27 @@ def run_exists(run_id: str) -> Any:
                             f"pass the id of a tlexp run (see `mlflow ui` or `tlexp compare`).") from exc
 
 
-def resumable_run(run_id: str) -> Any:
-    """The run ``run_id`` if it ended KILLED or FAILED (so ``--resume`` cannot log an epoch twice)."""
+def resumable_run(run_id: str, *, force: bool = False) -> Any:
+    """The run ``run_id`` if it ended KILLED or FAILED, or is RUNNING with a dead process (its heartbeat
+    older than the timeout, or ``force``), so that ``--resume`` cannot log an epoch twice."""
+    from .liveness import heartbeat_age_s, heartbeat_timeout_s
+
     run = run_exists(run_id)
     status = run.info.status
     if status == "FINISHED":
         raise TrackingError(f"Run {run_id} is FINISHED; only KILLED or FAILED runs can be resumed "
                             f"(start a new run instead).")
-    if status not in ("KILLED", "FAILED"):
-        raise TrackingError(f"Run {run_id} is {status}: it is still training, or its process died without "
-                            f"saving a checkpoint; only KILLED or FAILED runs can be resumed.")
+    if status == "RUNNING" and not force:
+        age, timeout = heartbeat_age_s(run), heartbeat_timeout_s()
+        if age is None:
+            raise TrackingError(f"Run {run_id} is RUNNING and has no heartbeat to tell whether its process "
+                                f"lives; if you know it is dead, resume it with --force.")
+        if age < timeout:
+            raise TrackingError(f"Run {run_id} is RUNNING and its process was alive {age:.0f} s ago (heartbeat); "
+                                f"a dead run can be resumed once its heartbeat is {timeout:.0f} s old, or now "
+                                f"with --force if you know its process is dead.")
+    elif status not in ("KILLED", "FAILED", "RUNNING"):
+        raise TrackingError(f"Run {run_id} is {status}; only KILLED, FAILED or dead RUNNING runs can be resumed.")
     diverged = run.data.tags.get(TAG_DIVERGED_EPOCH)
     if diverged:  # same settings, same RNG state: it would diverge at the same epoch again
         raise TrackingError(f"Run {run_id} diverged (non-finite loss) at epoch {diverged}; resumed with the same "
