@@ -17,10 +17,11 @@ that ``tlexp compare`` searches for.
 from .comparison import log_comparison_run
 from .liveness import TAG_HEARTBEAT, TAG_PID, heartbeat_age_s, heartbeat_timeout_s
 from .logger import FitLogger, NullLogger
-from .runs import RunLogger, load_checkpoint, sweep_run, training_run
+from .runs import RunLogger, end_dead_run, load_checkpoint, sweep_run, training_run
 from .signals import Interrupted, raise_pending, sigterm_as_interrupt, signals_deferred
 from .store import (CHECKPOINT_ARTIFACT, TAG_CELL, TAG_DIVERGED_EPOCH, TAG_ERROR, TAG_EXPERIMENT, TAG_KIND,
-                    TAG_STALE_CHECKPOINT, TAG_SWEEP, TrackingError, check_store, experiment_id, resumable_run,
+                    TAG_STALE_CHECKPOINT, TAG_SWEEP, TrackingError, attempt_runs, check_store, experiment_id,
+                    has_checkpoint, resumable_run,
                     retry_locked, run_exists, search_tagged, sweep_children, tag_equals, tagged, tracking_uri)
 
 # The names imported above are this package's public face.

@@ -13,7 +13,7 @@ from typing import Any, Iterator
 from .liveness import TAG_HEARTBEAT, heartbeat, owner_tags
 from .signals import Interrupted, raise_pending, sigterm_as_interrupt, signals_deferred
 from .store import (CHECKPOINT_ARTIFACT, TAG_ERROR, TAG_EXPERIMENT, TAG_KIND, TAG_STALE_CHECKPOINT, TAG_SWEEP,
-                    TrackingError, _first_line, experiment_id, retry_locked, search_tagged)
+                    TrackingError, _first_line, experiment_id, has_checkpoint, retry_locked, search_tagged)
 
 
 # Seconds between checkpoints written to the store: 0 = after every epoch. Measured on this project's
@@ -268,6 +268,14 @@ def _opened_run(*, experiment: str, run_name: str, tags: dict[str, str], parent_
         raise
 
 
+def end_dead_run(run_id: str, reason: str) -> None:
+    """Mark FAILED a RUNNING run whose process died before it saved anything to resume from."""
+    from mlflow.tracking import MlflowClient
+
+    RunLogger(run_id).set_tags({TAG_ERROR: f"process died: {reason}"})
+    _finish(MlflowClient(), run_id, "FAILED")
+
+
 def _drop_leftovers(client: Any, run_id: str) -> None:
     """What an interrupted attempt left in a run that has now finished: its checkpoint (nothing is left
     to resume) and any logged model it did not finish writing (the run keeps the one logged since)."""
@@ -276,7 +284,7 @@ def _drop_leftovers(client: Any, run_id: str) -> None:
 
     run = client.get_run(run_id)
     folder = os.path.dirname(CHECKPOINT_ARTIFACT)
-    if any(item.path == CHECKPOINT_ARTIFACT for item in client.list_artifacts(run_id, folder)):
+    if has_checkpoint(run_id):
         try:  # MlflowClient deletes no artifact; the run's artifact repository does, where its store can
             get_artifact_repository(run.info.artifact_uri).delete_artifacts(folder)
         except Exception:  # noqa: BLE001 - e.g. a server without artifact deletion: mark it stale instead

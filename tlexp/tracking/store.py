@@ -246,6 +246,22 @@ def search_tagged(client: Any, experiment_ids: list[str], tags: dict[str, str], 
     return tagged(found, tags)
 
 
+def attempt_runs(tags: dict[str, str]) -> list[Any]:
+    """The training runs, in any experiment, whose tags equal ``tags`` (a Ray task finds its earlier attempts)."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    ids = _all_experiment_ids(client)
+    return search_tagged(client, ids, {TAG_KIND: "train", **tags}) if ids else []
+
+
+def has_checkpoint(run_id: str) -> bool:
+    from mlflow.tracking import MlflowClient
+
+    folder = os.path.dirname(CHECKPOINT_ARTIFACT)
+    return any(item.path == CHECKPOINT_ARTIFACT for item in MlflowClient().list_artifacts(run_id, folder))
+
+
 def sweep_children(experiment: str, sweep_id: str) -> dict[str, list[tuple[str, str]]]:
     """cell id -> [(status, run id)] of the training runs an earlier run of this sweep left."""
     from mlflow.tracking import MlflowClient
