@@ -139,7 +139,10 @@ class RunLogger:
         this process: a SIGKILL loses at most the epochs since), at most every ``TLEXP_CHECKPOINT_EVERY_S``
         seconds; the heartbeat says the process is alive. A run that ends KILLED or FAILED writes its
         latest state in any case; a FINISHED run's checkpoint is deleted."""
+        new_epoch = self._checkpoint is None or state.get("epoch") != self._checkpoint.get("epoch")
         self._checkpoint = state
+        if not new_epoch:  # the final logging's progress: written only if the run ends KILLED or FAILED
+            return
         self.set_tags({TAG_HEARTBEAT: f"{time.time():.3f}"})
         every_s = float(os.environ.get("TLEXP_CHECKPOINT_EVERY_S", CHECKPOINT_EVERY_S))
         if self._saved_at is None or time.monotonic() - self._saved_at >= every_s:
