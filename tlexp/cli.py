@@ -377,8 +377,10 @@ def _ray_options(ctx: typer.Context, executor: str, *, ray_address: str | None, 
     """The Ray settings of `tlexp sweep` (None for --executor local, where Ray options make no sense)."""
     from .executors import RayOptions, parse_executor
 
+    ray_address = ray_address or None  # the MLproject passes "" for "start a local instance"
     if parse_executor(executor) == "local":
-        given = [n for n in ("ray_address", "cpus_per_cell", "gpus_per_cell") if n in explicit_options(ctx)]
+        given = [n for n in ("ray_address", "cpus_per_cell", "gpus_per_cell") if n in explicit_options(ctx)
+                 and (n != "ray_address" or ray_address)]
         if given:
             raise ConfigError(f"--{given[0].replace('_', '-')} goes with --executor ray; add it or leave the "
                               f"option out.")

@@ -182,6 +182,7 @@ def _train_cell(config: TrainConfig, *, parent_run_id: str, sweep_id: str, cell_
     tags = {tracking.TAG_SWEEP: sweep_id, tracking.TAG_CELL: cell_id, TAG_RAY_TASK: task_id}
     t0 = time.perf_counter()
     earlier = tracking.attempt_runs(tags)
+    tags[TAG_RAY_NODE] = ray.get_runtime_context().get_node_id()  # where it ran (not part of its identity)
     resume = None
     for run in earlier:  # Ray retries a task only once its worker is gone: that attempt's run is dead
         if run.info.status == "RUNNING":
@@ -202,4 +203,5 @@ def _train_cell(config: TrainConfig, *, parent_run_id: str, sweep_id: str, cell_
     return {"run_id": summary.run_id, "status": "FINISHED", "seconds": time.perf_counter() - t0}
 
 
-TAG_RAY_TASK = "tlexp.ray_task_id"
+TAG_RAY_TASK = "tlexp.ray_task_id"  # the same on every attempt of a task: how a retry finds its run
+TAG_RAY_NODE = "tlexp.ray_node_id"
