@@ -117,7 +117,10 @@ def run_cells_on_ray(todo: list[Any], *, options: RayOptions, parent_run_id: str
     done: list[Any] = []
     try:
         while pending:
-            ready, _ = ray.wait(list(pending), num_returns=1)
+            # A timeout, so that Ctrl-C reaches this loop within a second however long a cell takes.
+            ready, _ = ray.wait(list(pending), num_returns=1, timeout=1.0)
+            if not ready:
+                continue
             cell = pending.pop(ready[0])
             _collect(ray, ready[0], cell)
             done.append(cell)
