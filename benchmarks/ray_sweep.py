@@ -6,7 +6,7 @@ digits cache is shared; the local sweep runs first and decodes it, in well under
 cost is what a fresh process pays before Ray runs its first task: `ray.init()` of a local instance plus
 the first trivial task's round trip (a worker process started).
 
-    nice .venv/bin/python benchmarks/ray_sweep.py
+    nice .venv/bin/python benchmarks/ray_sweep.py --image-size 32 --epochs 5 --repeats 2
 """
 
 from __future__ import annotations
@@ -31,8 +31,8 @@ ray.shutdown()
 """
 
 
-def sweep_seconds(executor: str, args: argparse.Namespace, tmp: str) -> float:
-    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp}/{executor}.db",
+def sweep_seconds(executor: str, args: argparse.Namespace, tmp: str, repeat: int) -> float:
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp}/{executor}{repeat}.db",
            "TLEXP_CACHE_DIR": os.path.join(tmp, "cache"), "RAY_AUTH_MODE": "disabled"}
     command = [sys.executable, "-m", "tlexp", "sweep", "--executor", executor, "--strategies", "scratch",
                "--seeds", args.seeds, "--samples-per-class", args.sizes, "--model", "tinycnn", "--data", "digits",
@@ -51,12 +51,16 @@ def main() -> None:
     parser.add_argument("--sizes", default="50,all")
     parser.add_argument("--image-size", type=int, default=16)
     parser.add_argument("--epochs", type=int, default=4)
+    parser.add_argument("--repeats", type=int, default=2, help="pairs, in alternating order (the machine is shared)")
     args = parser.parse_args()
+    times: dict[str, list[float]] = {"local": [], "ray": []}
     with tempfile.TemporaryDirectory() as tmp:
-        local = sweep_seconds("local", args, tmp)
-        print(f"local: {local:.1f} s", flush=True)
-        on_ray = sweep_seconds("ray", args, tmp)
-        print(f"ray (2 cells at a time, 1 torch thread each): {on_ray:.1f} s", flush=True)
+        for repeat in range(args.repeats):
+            for executor in ("local", "ray") if repeat % 2 == 0 else ("ray", "local"):
+                times[executor].append(sweep_seconds(executor, args, tmp, repeat))
+                print(f"{executor}: {times[executor][-1]:.1f} s", flush=True)
+    local, on_ray = (sum(times[k]) / len(times[k]) for k in ("local", "ray"))
+    print(f"mean local {local:.1f} s, mean ray (2 cells at a time, 1 torch thread each) {on_ray:.1f} s")
     init_s, first_task_s = map(float, subprocess.run(
         [sys.executable, "-c", STARTUP], check=True, capture_output=True, text=True,
         env={**os.environ, "RAY_AUTH_MODE": "disabled"}).stdout.split()[-2:])

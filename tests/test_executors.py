@@ -17,7 +17,6 @@ from tlexp import tracking
 from tlexp.cli import app
 
 ray = pytest.importorskip("ray")
-pytestmark = pytest.mark.slow
 
 CURVE = ("train_loss", "train_acc", "val_loss", "val_acc", "lr")
 
@@ -54,6 +53,7 @@ def _history(run_id: str, key: str) -> list[tuple[int, float]]:
     return sorted((m.step, m.value) for m in MlflowClient().get_metric_history(run_id, key))
 
 
+@pytest.mark.slow
 def test_a_ray_sweep_runs_cells_in_parallel_under_one_parent_and_a_rerun_skips_them(local_ray, store):
     result = _sweep()
     assert result.exit_code == 0, result.output
@@ -73,6 +73,7 @@ def test_a_ray_sweep_runs_cells_in_parallel_under_one_parent_and_a_rerun_skips_t
     assert len(_children("ray")) == 4
 
 
+@pytest.mark.slow
 def test_a_cell_whose_worker_is_sigkilled_continues_the_same_run(local_ray, store):
     epochs = 8
     reference = _sweep(seeds="0", sizes="10", epochs=epochs, experiment="reference")
@@ -110,6 +111,7 @@ def test_a_cell_whose_worker_is_sigkilled_continues_the_same_run(local_ray, stor
         assert run.data.metrics[key] == ref.data.metrics[key], key
 
 
+@pytest.mark.slow
 def test_ctrl_c_in_the_driver_cancels_the_running_cells_and_their_runs_end_killed(local_ray, store):
     import _thread
 
@@ -144,6 +146,7 @@ def _children_or_none(experiment: str) -> list:
     return _children(experiment) if MlflowClient().get_experiment_by_name(experiment) else []
 
 
+@pytest.mark.slow
 def test_a_local_store_is_refused_when_the_cluster_has_other_machines(local_ray, store, monkeypatch):
     from tlexp import executors
 

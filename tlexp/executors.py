@@ -20,6 +20,8 @@ from .tracking import Interrupted, TrackingError
 
 EXECUTORS = ("local", "ray")
 TASK_RETRIES = 3  # attempts after the first when a cell's worker dies
+TAG_RAY_TASK = "tlexp.ray_task_id"  # the same on every attempt of a task: how a retry finds its run
+TAG_RAY_NODE = "tlexp.ray_node_id"  # the Ray node that trained the cell
 # The driver's tlexp settings that a worker needs too (a worker's environment is its raylet's).
 _FORWARDED_ENV = ("MLFLOW_TRACKING_URI", "TLEXP_CACHE_DIR", "TLEXP_CHECKPOINT_EVERY_S", "TLEXP_HEARTBEAT_EVERY_S",
                   "TLEXP_HEARTBEAT_TIMEOUT_S", "HF_HUB_OFFLINE", "TORCH_HOME")
@@ -205,6 +207,3 @@ def _train_cell(config: TrainConfig, *, parent_run_id: str, sweep_id: str, cell_
                 "seconds": time.perf_counter() - t0, "error": f"{type(exc).__name__}: {exc}"}
     return {"run_id": summary.run_id, "status": "FINISHED", "seconds": time.perf_counter() - t0}
 
-
-TAG_RAY_TASK = "tlexp.ray_task_id"  # the same on every attempt of a task: how a retry finds its run
-TAG_RAY_NODE = "tlexp.ray_node_id"
