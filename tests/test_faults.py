@@ -191,6 +191,73 @@ def test_signal_to_a_real_training_process_kills_the_run_and_resume_continues_it
     assert len(_runs()) == 1
 
 
+def _wait_for_checkpoint(uri: str, proc: subprocess.Popen, timeout: float = 120.0) -> str:
+    """Poll until some run has written its per-epoch checkpoint; return its run id."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, f"training ended before it could be killed: {proc.communicate()[1][-3000:]}"
+        for run in _runs(uri):
+            if "checkpoint/last.pt" in _artifacts(run.info.run_id, "checkpoint"):
+                return run.info.run_id
+        time.sleep(0.05)
+    proc.kill()
+    pytest.fail(f"no checkpoint after {timeout}s")
+
+
+@pytest.mark.slow
+def test_a_sigkilled_training_process_leaves_a_running_run_that_resume_continues(store, tmp_path, monkeypatch):
+    epochs = 12
+    args = ["train", "--model", "tinycnn", "--strategy", "scratch", "--image-size", "16", "--data", "digits",
+            "--samples-per-class", "10", "--val-fraction", "0.1", "--epochs", str(epochs), "--batch-size", "8",
+            "--quiet"]
+    env = {**os.environ, "MLFLOW_TRACKING_URI": store}
+    proc = subprocess.Popen([sys.executable, "-m", "tlexp", *args], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        run_id = _wait_for_checkpoint(store, proc)
+        proc.send_signal(signal.SIGKILL)  # no handler runs: nothing can mark the run KILLED
+        proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    run = MlflowClient().get_run(run_id)
+    assert run.info.status == "RUNNING"
+    saved = tracking.load_checkpoint(run_id)["epoch"]  # the last epoch whose checkpoint reached the store
+    assert 1 <= saved < epochs
+
+    # A heartbeat seconds old is a process that may still be training: refused, unless --force.
+    monkeypatch.setenv("TLEXP_HEARTBEAT_TIMEOUT_S", "120")
+    refused = CliRunner().invoke(app, ["train", "--resume", run_id, "--quiet"])
+    assert refused.exit_code == 2
+    assert f"Run {run_id} is RUNNING and its process was alive" in refused.stderr
+    assert "--force" in refused.stderr
+    assert MlflowClient().get_run(run_id).info.status == "RUNNING"  # refusing changed nothing
+
+    monkeypatch.setenv("TLEXP_HEARTBEAT_TIMEOUT_S", "0")  # as if two minutes had passed
+    resumed = CliRunner().invoke(app, ["train", "--resume", run_id, "--quiet"])
+    assert resumed.exit_code == 0, resumed.output
+    run = MlflowClient().get_run(run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["tlexp.resumed_after_epoch"] == str(saved)
+    assert "checkpoint/last.pt" not in _artifacts(run_id, "checkpoint")  # nothing left to resume
+
+    reference = CliRunner().invoke(app, args)
+    assert reference.exit_code == 0, reference.output
+    (ref_run,) = [r for r in _runs() if r.info.run_id != run_id]
+    assert [s for s, _ in _history(run_id, "epoch_time_s")] == list(range(1, epochs + 1))  # each epoch once
+    assert _curves(run_id) == _curves(ref_run.info.run_id)
+    for key in ("best_val_acc", "best_epoch", "final_val_acc", "test_acc"):
+        assert run.data.metrics[key] == ref_run.data.metrics[key], key
+
+
+def test_force_goes_only_with_resume(store):
+    result = CliRunner().invoke(app, ["train", "--force", "--model", "tinycnn"])
+    assert result.exit_code == 2
+    assert result.stderr.strip() == ("Error: --force only goes with --resume RUN_ID (it resumes a RUNNING run whose "
+                                     "process is dead).")
+    assert _runs() == []
+
+
 # ---------------------------------------------------------------- exceptions
 def test_out_of_memory_mid_training_fails_the_run_with_a_hint(store, monkeypatch):
     oom = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB (GPU 0; 79.1 GiB total)\nmore")

@@ -76,7 +76,7 @@ def user_errors(*, sweep: bool = False) -> Iterator[None]:
         raise typer.Exit(EXIT_USAGE) from None
     except KeyboardInterrupt as exc:
         message = interrupted_message(exc)
-        if sweep:
+        if sweep and not hasattr(exc, "user_message"):
             message += (" The sweep's finished cells are kept: re-run the same `tlexp sweep` command to run "
                         "only the cells that are left.")
         typer.secho(message, err=True, fg=typer.colors.YELLOW)
@@ -107,6 +107,8 @@ def _user_error_types() -> tuple[type[BaseException], ...]:
 
 def interrupted_message(exc: BaseException) -> str:
     """What a Ctrl-C / SIGTERM left behind, and how to continue."""
+    if hasattr(exc, "user_message"):  # says itself what it left (a Ray sweep's cancelled cells)
+        return exc.user_message()
     run_id, epoch = getattr(exc, "run_id", None), getattr(exc, "epoch", None)
     if run_id is None:
         return "Interrupted while no run was open: no run was left unfinished."
@@ -250,8 +252,11 @@ def train(
     train_fraction: Annotated[float, typer.Option(help="Train on this stratified fraction of the train split.")] = 1.0,
     run_name: Annotated[Optional[str], typer.Option(help="MLflow run name (default strategy-model-sSEED).")] = None,
     resume: Annotated[Optional[str], typer.Option(help="Continue an interrupted run (its RUN_ID, or the first 8+ "
-                                                       "characters of it) from its last completed epoch, with "
-                                                       "its own settings.")] = None,
+                                                       "characters of it) from its last saved epoch, with its "
+                                                       "own settings.")] = None,
+    force: Annotated[bool, typer.Option("--force", help="With --resume: continue a RUNNING run even though "
+                                                        "its heartbeat is recent (you know its process is "
+                                                        "dead).")] = False,
     quiet: QuietOpt = False,
     options: dict[str, Any],
 ) -> None:
@@ -264,14 +269,17 @@ def train(
             # A resumed run continues with the settings it logged; an option that would change it is refused,
             # not ignored. (To train longer or at another lr, start a new run: its curve is then its own.)
             changed = [f"--{name.replace('_', '-')}" for name in explicit_options(ctx)
-                       if name not in ("resume", "quiet")]
+                       if name not in ("resume", "quiet", "force")]
             if changed:
                 raise ConfigError(f"--resume continues run {resume} with its own settings, so {', '.join(changed)} "
                                   f"cannot be given with it; leave {'it' if len(changed) == 1 else 'them'} out, or "
                                   f"start a new run.")
-            summary = train_run(TrainConfig(), reporter=reporter, resume_run_id=resume)
+            summary = train_run(TrainConfig(), reporter=reporter, resume_run_id=resume, force=force)
             _print_summaries([summary])
             return
+        if force:
+            raise ConfigError("--force only goes with --resume RUN_ID (it resumes a RUNNING run whose process "
+                              "is dead).")
         strategies = parse_strategies("--strategy", strategy)
         base = config_from_options(options, strategy=strategies[0], seed=seed, run_name=run_name,
                                    samples_per_class=parse_samples_per_class(samples_per_class),
@@ -308,6 +316,17 @@ def sweep(
                                                     "each strategy is compared at its best lr on validation "
                                                     "(instead of --lr).")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="List the cells and which would run; train nothing.")] = False,
+    executor: Annotated[str, typer.Option(help="Where cells run: 'local' (one after another, in this process) "
+                                               "or 'ray' (Ray tasks, in parallel, on one machine or a "
+                                               "cluster).")] = "local",
+    ray_address: Annotated[Optional[str], typer.Option(help="With --executor ray: 'auto' or HOST:PORT joins a "
+                                                            "running Ray cluster (default: start a local "
+                                                            "instance).")] = None,
+    cpus_per_cell: Annotated[float, typer.Option(help="With --executor ray: CPUs each cell reserves (and its "
+                                                      "torch threads).")] = 1.0,
+    gpus_per_cell: Annotated[Optional[float], typer.Option(help="With --executor ray: GPUs each cell reserves "
+                                                                "(default 1 when the cluster has GPUs, else "
+                                                                "0).")] = None,
     quiet: QuietOpt = False,
     options: dict[str, Any],
 ) -> None:
@@ -326,6 +345,8 @@ def sweep(
             options, lr_list = {**options, "lr": lr_list[0]}, []
         base = config_from_options(options, strategy=strategy_list[0], seed=seed_list[0])
         experiment = base.experiment
+        ray = _ray_options(ctx, executor, ray_address=ray_address, cpus_per_cell=cpus_per_cell,
+                           gpus_per_cell=gpus_per_cell)
         spec = SweepSpec(base=base, strategies=tuple(strategy_list), seeds=tuple(seed_list),
                          samples_per_class=tuple(sizes), lrs=tuple(lr_list)).validate()
         from rich.console import Console
@@ -338,7 +359,7 @@ def sweep(
                 tracking.check_store(read_only=True)
                 _print_plan(plan(spec))
             return
-        result = run_sweep(spec, reporter=_reporter(quiet, prefix="  "),
+        result = run_sweep(spec, reporter=_reporter(quiet, prefix="  "), ray=ray,
                            on_cell=lambda cell, n, eta: console.print(_cell_line(cell, n, eta), soft_wrap=True))
         _print_plan(result.cells, title=f"sweep finished (parent run {result.parent_run_id})")
         Console().print(f"Compare: `tlexp compare --experiment {shlex.quote(experiment)}`", soft_wrap=True,
@@ -389,6 +410,26 @@ def compare(
             raise typer.Exit(EXIT_USAGE)
 
 
+def _ray_options(ctx: typer.Context, executor: str, *, ray_address: str | None, cpus_per_cell: float,
+                 gpus_per_cell: float | None):
+    """The Ray settings of `tlexp sweep` (None for --executor local, where Ray options make no sense)."""
+    from .executors import RayOptions, parse_executor
+
+    ray_address = ray_address or None  # the MLproject passes "" for "start a local instance"
+    if parse_executor(executor) == "local":
+        given = [n for n in ("ray_address", "cpus_per_cell", "gpus_per_cell") if n in explicit_options(ctx)
+                 and (n != "ray_address" or ray_address)]
+        if given:
+            raise ConfigError(f"--{given[0].replace('_', '-')} goes with --executor ray; add it or leave the "
+                              f"option out.")
+        return None
+    if cpus_per_cell <= 0:
+        raise ConfigError(f"--cpus-per-cell must be a positive number, got {cpus_per_cell:g}.")
+    if gpus_per_cell is not None and gpus_per_cell < 0:
+        raise ConfigError(f"--gpus-per-cell must be 0 or more, got {gpus_per_cell:g}.")
+    return RayOptions(address=ray_address, cpus_per_cell=cpus_per_cell, gpus_per_cell=gpus_per_cell)
+
+
 def _parse_int(option: str, value: str) -> int:
     try:
         return int(value)
@@ -413,8 +454,11 @@ def explicit_options(ctx: typer.Context) -> list[str]:
 def _cell_line(cell, n: int, eta: float | None) -> str:
     size = "all" if cell.config.samples_per_class is None else cell.config.samples_per_class
     left = f", about {_duration(eta)} left" if eta is not None else ""
+    # Ray reports a cell as it ends; the local executor as it starts.
+    state = (f"{cell.status.lower()} in {_duration(cell.seconds)}" if cell.status in ("FINISHED", "FAILED")
+             else cell.action)
     return (f"[bold]cell {cell.index}/{n}[/bold]: {cell.config.strategy}, seed {cell.config.seed}, "
-            f"{size} per class, lr {cell.config.lr:g} ({cell.action}{left})")
+            f"{size} per class, lr {cell.config.lr:g} ({state}{left})")
 
 
 def _duration(seconds: float) -> str:

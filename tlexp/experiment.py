@@ -165,15 +165,17 @@ def run_params(prep: Prepared) -> dict[str, Any]:
 
 def train(config: TrainConfig, *, reporter: Reporter | None = None, data: ImageData | None = None,
           parent_run_id: str | None = None, resume_run_id: str | None = None,
-          prepared: Prepared | None = None, extra_tags: dict[str, str] | None = None) -> RunSummary:
-    """Train one strategy as one MLflow run and return its summary."""
+          prepared: Prepared | None = None, extra_tags: dict[str, str] | None = None,
+          force: bool = False) -> RunSummary:
+    """Train one strategy as one MLflow run and return its summary. ``resume_run_id``: continue that run
+    from its checkpoint (``force``: even while it is RUNNING with a recent heartbeat)."""
     from . import tracking
 
     reporter = reporter or SilentReporter()
     checkpoint = None
     tracking.check_store(experiment=None if resume_run_id else config.experiment)
     if resume_run_id is not None:
-        run = tracking.resumable_run(resume_run_id)
+        run = tracking.resumable_run(resume_run_id, force=force)
         resume_run_id = run.info.run_id  # the whole id, also when the user typed a prefix of it
         checkpoint = tracking.load_checkpoint(resume_run_id)
         config = TrainConfig.from_params(run.data.params)

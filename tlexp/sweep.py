@@ -16,9 +16,12 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from .config import ConfigError, TrainConfig, digest
+
+if TYPE_CHECKING:
+    from .executors import RayOptions
 
 
 @dataclass(frozen=True)
@@ -99,6 +102,7 @@ class Cell:
     run_id: str | None = None
     status: str = "PENDING"
     seconds: float = 0.0
+    error: str | None = None
 
 
 @dataclass
@@ -149,13 +153,19 @@ def preflight(spec: SweepSpec, reporter: Any = None) -> None:
 
 
 def run_sweep(spec: SweepSpec, *, reporter: Any = None,
-              on_cell: Callable[[Cell, int, float | None], None] | None = None) -> SweepResult:
-    """Run every cell that has no FINISHED child yet, as nested runs under one parent."""
+              on_cell: Callable[[Cell, int, float | None], None] | None = None,
+              ray: RayOptions | None = None) -> SweepResult:
+    """Run every cell that has no FINISHED child yet, as nested runs under one parent: in this process,
+    or with ``ray`` as Ray tasks (``executors``), where ``on_cell`` reports each cell as it ends."""
     from . import tracking
     from .experiment import train
 
     spec.validate()
     tracking.check_store()
+    if ray is not None:  # before the parent run exists: a cluster that cannot be used leaves nothing behind
+        from .executors import check_reachable_store, connect
+
+        check_reachable_store(connect(ray), tracking.tracking_uri())
     preflight(spec, reporter=None)
     data_id = spec.data_id()
     sweep_id = spec.sweep_id(data_id)
@@ -166,7 +176,20 @@ def run_sweep(spec: SweepSpec, *, reporter: Any = None,
                             params={**spec.base.resolve().to_params(), **spec.grid_params()}) as parent:
         result.parent_run_id = parent.run_id
         done: list[Cell] = []
-        for k, cell in enumerate(todo, 1):
+        if ray is not None:
+            from .executors import run_cells_on_ray
+
+            def on_done(cell: Cell, eta: float | None) -> None:
+                done.append(cell)
+                if on_cell is not None:
+                    on_cell(cell, len(cells), eta)
+                if cell.status == "FAILED" and reporter is not None:
+                    reporter.stage(f"cell {cell.index} failed: {cell.error}")
+                _log_progress(parent, cells, step=len(done))
+
+            run_cells_on_ray(todo, options=ray, parent_run_id=parent.run_id, sweep_id=sweep_id, on_done=on_done,
+                             estimate=estimate_seconds_left)
+        for k, cell in enumerate(todo if ray is None else [], 1):
             eta = estimate_seconds_left(done, todo[k - 1:])
             if on_cell is not None:
                 on_cell(cell, len(cells), eta)
@@ -189,13 +212,16 @@ def run_sweep(spec: SweepSpec, *, reporter: Any = None,
             finally:
                 cell.seconds = time.perf_counter() - t0
                 done.append(cell)
-                parent.log_metrics({"cells_finished": sum(c.status == "FINISHED" for c in cells),
-                                    "cells_failed": sum(c.status == "FAILED" for c in cells)},
-                                   step=k, synchronous=False)
+                _log_progress(parent, cells, step=k)
         parent.log_text(_cells_csv(cells), "sweep_cells.csv")
         if result.failed:
             parent.set_tags({tracking.TAG_ERROR: f"{len(result.failed)} of {len(cells)} cells failed"})
     return result
+
+
+def _log_progress(parent: Any, cells: list[Cell], *, step: int) -> None:
+    parent.log_metrics({"cells_finished": sum(c.status == "FINISHED" for c in cells),
+                        "cells_failed": sum(c.status == "FAILED" for c in cells)}, step=step, synchronous=False)
 
 
 def estimate_seconds_left(done: list[Cell], remaining: list[Cell]) -> float | None:

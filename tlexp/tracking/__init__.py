@@ -3,7 +3,10 @@
 A run always ends in a definite state: FINISHED, FAILED (error message as the
 ``tlexp.error`` tag, traceback as an artifact) or KILLED (Ctrl-C / SIGTERM),
 and on FAILED/KILLED the last completed epoch's checkpoint is saved so that
-``tlexp train --resume RUN_ID`` can continue the same run.
+``tlexp train --resume RUN_ID`` can continue the same run. The checkpoint is
+also written to the run's artifacts after every epoch, so a process killed
+without a chance to close its run (SIGKILL, a lost node) leaves a RUNNING run
+whose stale heartbeat (``liveness``) lets ``--resume`` continue it too.
 
 Under ``mlflow run`` the entry point logs into the run MLflow created
 (``MLFLOW_RUN_ID``) instead of starting a second one; its experiment is the one
@@ -12,13 +15,14 @@ that ``tlexp compare`` searches for.
 """
 
 from .comparison import log_comparison_run
+from .liveness import TAG_HEARTBEAT, TAG_PID, heartbeat_age_s, heartbeat_timeout_s
 from .logger import FitLogger, NullLogger
-from .runs import RunLogger, load_checkpoint, sweep_run, training_run
+from .runs import RunLogger, end_dead_run, load_checkpoint, sweep_run, training_run
 from .signals import Interrupted, raise_pending, sigterm_as_interrupt, signals_deferred
 from .store import (CHECKPOINT_ARTIFACT, TAG_CELL, TAG_DIVERGED_EPOCH, TAG_ERROR, TAG_EXPERIMENT, TAG_KIND,
-                    TAG_STALE_CHECKPOINT, TAG_SWEEP, TrackingError, check_store, experiment_id, find_run, quick_http,
-                    resumable_run, retry_locked, run_exists, search_tagged, sqlite_path, store_exists, sweep_children,
-                    tag_equals, tagged, tracking_uri, write_problem)
+                    TAG_STALE_CHECKPOINT, TAG_SWEEP, TrackingError, attempt_runs, check_store, experiment_id,
+                    find_run, has_checkpoint, quick_http, resumable_run, retry_locked, run_exists, search_tagged,
+                    sqlite_path, store_exists, sweep_children, tag_equals, tagged, tracking_uri, write_problem)
 from .datasets import SplitInput, log_datasets
 from .runs import outer_run_id
 from .store import mark_model_training

@@ -10,9 +10,15 @@ import time
 import traceback
 from typing import Any, Iterator
 
+from .liveness import TAG_HEARTBEAT, heartbeat, owner_tags
 from .signals import Interrupted, raise_pending, sigterm_as_interrupt, signals_deferred
 from .store import (CHECKPOINT_ARTIFACT, TAG_ERROR, TAG_EXPERIMENT, TAG_KIND, TAG_STALE_CHECKPOINT, TAG_SWEEP,
-                    TrackingError, _first_line, experiment_id, mark_model_training, retry_locked, search_tagged)
+                    TrackingError, _first_line, experiment_id, has_checkpoint, mark_model_training, retry_locked, search_tagged)
+
+
+# Seconds between checkpoints written to the store: 0 = after every epoch. Measured on this project's
+# default model (benchmarks/README.md, "Checkpoint cost"), a checkpoint costs well under 2% of an epoch.
+CHECKPOINT_EVERY_S = "0"
 
 
 def _same_number(a: str, b: str) -> bool:
@@ -33,6 +39,9 @@ class RunLogger:
         self._checkpoint: dict[str, Any] | None = None
         self.start_step = start_step
         self._queued: list[tuple[Any, list[Any]]] = []  # (RunOperations, metrics) not yet confirmed written
+        self._saved_at: float | None = None  # time.monotonic() of the last checkpoint written to the store
+        self.checkpoint_seconds: list[float] = []  # what each checkpoint written by this process cost
+        self._logged_steps: dict[str, int] = {}  # metric -> last step an earlier attempt logged (on resume)
 
     # -- params, tags, metrics -------------------------------------------------
     def log_params(self, params: dict[str, Any]) -> None:
@@ -63,7 +72,11 @@ class RunLogger:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        batch = [Metric(k, float(v), now, step) for k, v in metrics.items()]
+        # A run resumed from an older checkpoint than its last logged epoch (a process killed between the
+        # two writes) replays epochs it logged already, to the same values: each (metric, step) once.
+        batch = [Metric(k, float(v), now, step) for k, v in metrics.items() if step > self._logged_steps.get(k, -1)]
+        if not batch:
+            return
         if synchronous:
             retry_locked(self.client.log_batch, self.run_id, metrics=batch, synchronous=True)
         else:
@@ -114,19 +127,39 @@ class RunLogger:
         half-written model behind)."""
         return signals_deferred(pending="keep")
 
+    def note_logged_steps(self) -> None:
+        """Read which steps an earlier attempt of this run logged, so that a replayed epoch logs nothing."""
+        run = self.client.get_run(self.run_id)
+        for key in run.data.metrics:
+            steps = [m.step for m in self.client.get_metric_history(self.run_id, key)]
+            self._logged_steps[key] = max(steps, default=-1)
+
     def keep_checkpoint(self, state: dict[str, Any]) -> None:
-        """Remember the last completed epoch's state; it is written only if the run does not finish."""
+        """Remember the last completed epoch's state and write it to the run's artifacts (which outlive
+        this process: a SIGKILL loses at most the epochs since), at most every ``TLEXP_CHECKPOINT_EVERY_S``
+        seconds; the heartbeat says the process is alive. A run that ends KILLED or FAILED writes its
+        latest state in any case; a FINISHED run's checkpoint is deleted."""
+        new_epoch = self._checkpoint is None or state.get("epoch") != self._checkpoint.get("epoch")
         self._checkpoint = state
+        if not new_epoch:  # the final logging's progress: written only if the run ends KILLED or FAILED
+            return
+        self.set_tags({TAG_HEARTBEAT: f"{time.time():.3f}"})
+        every_s = float(os.environ.get("TLEXP_CHECKPOINT_EVERY_S", CHECKPOINT_EVERY_S))
+        if self._saved_at is None or time.monotonic() - self._saved_at >= every_s:
+            self.save_checkpoint()
 
     def save_checkpoint(self) -> bool:
         if self._checkpoint is None:
             return False
         import torch
 
+        t0 = time.perf_counter()
         with tempfile.TemporaryDirectory() as tmp:
             path = os.path.join(tmp, os.path.basename(CHECKPOINT_ARTIFACT))
             torch.save(self._checkpoint, path)
             self.client.log_artifact(self.run_id, path, os.path.dirname(CHECKPOINT_ARTIFACT))
+        self._saved_at = time.monotonic()
+        self.checkpoint_seconds.append(time.perf_counter() - t0)
         return True
 
 
@@ -221,13 +254,16 @@ def _opened_run(*, experiment: str, run_name: str, tags: dict[str, str], parent_
                 exp_id = experiment_id(experiment)
             run_id = retry_locked(client.create_run, exp_id, run_name=run_name, tags=all_tags).info.run_id
         logger = RunLogger(run_id, start_step=start_step)
-        logger.set_tags(all_tags)
+        if resume_run_id is not None:
+            logger.note_logged_steps()
+        logger.set_tags({**all_tags, **owner_tags()})
     status = RunStatus.to_string(RunStatus.FINISHED)
     try:
         raise_pending()
-        yield logger
+        with heartbeat(logger):
+            yield logger
         logger.flush()  # FINISHED only once every metric is in the store
-        if resume_run_id is not None:
+        if resume_run_id is not None or logger.checkpoint_seconds:
             _drop_leftovers(client, run_id)
     except KeyboardInterrupt as exc:
         status = RunStatus.to_string(RunStatus.KILLED)
@@ -255,6 +291,14 @@ def _opened_run(*, experiment: str, run_name: str, tags: dict[str, str], parent_
         raise
 
 
+def end_dead_run(run_id: str, reason: str) -> None:
+    """Mark FAILED a RUNNING run whose process died before it saved anything to resume from."""
+    from mlflow.tracking import MlflowClient
+
+    RunLogger(run_id).set_tags({TAG_ERROR: f"process died: {reason}"})
+    _finish(MlflowClient(), run_id, "FAILED")
+
+
 def _drop_leftovers(client: Any, run_id: str) -> None:
     """What an interrupted attempt left in a run that has now finished: its checkpoint (nothing is left
     to resume) and any logged model it did not finish writing (the run keeps the one logged since)."""
@@ -263,7 +307,7 @@ def _drop_leftovers(client: Any, run_id: str) -> None:
 
     run = client.get_run(run_id)
     folder = os.path.dirname(CHECKPOINT_ARTIFACT)
-    if any(item.path == CHECKPOINT_ARTIFACT for item in client.list_artifacts(run_id, folder)):
+    if has_checkpoint(run_id):
         try:  # MlflowClient deletes no artifact; the run's artifact repository does, where its store can
             get_artifact_repository(run.info.artifact_uri).delete_artifacts(folder)
         except Exception:  # noqa: BLE001 - e.g. a server without artifact deletion: mark it stale instead
@@ -300,7 +344,7 @@ def _finish(client: Any, run_id: str, status: str) -> None:
 
 
 def load_checkpoint(run_id: str) -> dict[str, Any]:
-    """Download and load the checkpoint a KILLED/FAILED run saved."""
+    """Download and load the checkpoint a run saved (its last saved epoch)."""
     import torch
     from mlflow.artifacts import download_artifacts
     from mlflow.tracking import MlflowClient
@@ -313,7 +357,7 @@ def load_checkpoint(run_id: str) -> dict[str, Any]:
         path = download_artifacts(run_id=run_id, artifact_path=CHECKPOINT_ARTIFACT)
     except Exception as exc:
         raise TrackingError(f"Run {run_id} has no checkpoint to resume from ({CHECKPOINT_ARTIFACT}); only runs "
-                            f"that were interrupted or failed after at least one epoch can be resumed.") from exc
+                            f"that stopped after at least one epoch can be resumed.") from exc
     # The checkpoint holds tensors, numbers and strings only (RNG states are tensors).
     return torch.load(path, map_location="cpu", weights_only=True)
 

@@ -276,18 +276,29 @@ def find_run(run_id: str) -> Any:
     return matches[0]
 
 
-def resumable_run(run_id: str) -> Any:
-    """The run ``run_id`` (or the only run whose id starts with it) if it ended KILLED or FAILED (so
-    ``--resume`` cannot log an epoch twice)."""
+def resumable_run(run_id: str, *, force: bool = False) -> Any:
+    """The run ``run_id`` (or the only run whose id starts with it) if it ended KILLED or FAILED, or is
+    RUNNING with a dead process (its heartbeat older than the timeout, or ``force``), so that ``--resume``
+    cannot log an epoch twice."""
+    from .liveness import heartbeat_age_s, heartbeat_timeout_s
+
     run = find_run(run_id)
     run_id = run.info.run_id
     status = run.info.status
     if status == "FINISHED":
         raise TrackingError(f"Run {run_id} is FINISHED; only KILLED or FAILED runs can be resumed "
                             f"(start a new run instead).")
-    if status not in ("KILLED", "FAILED"):
-        raise TrackingError(f"Run {run_id} is {status}: it is still training, or its process died without "
-                            f"saving a checkpoint; only KILLED or FAILED runs can be resumed.")
+    if status == "RUNNING" and not force:
+        age, timeout = heartbeat_age_s(run), heartbeat_timeout_s()
+        if age is None:
+            raise TrackingError(f"Run {run_id} is RUNNING and has no heartbeat to tell whether its process "
+                                f"lives; if you know it is dead, resume it with --force.")
+        if age < timeout:
+            raise TrackingError(f"Run {run_id} is RUNNING and its process was alive {age:.0f} s ago (heartbeat); "
+                                f"a dead run can be resumed once its heartbeat is {timeout:.0f} s old, or now "
+                                f"with --force if you know its process is dead.")
+    elif status not in ("KILLED", "FAILED", "RUNNING"):
+        raise TrackingError(f"Run {run_id} is {status}; only KILLED, FAILED or dead RUNNING runs can be resumed.")
     diverged = run.data.tags.get(TAG_DIVERGED_EPOCH)
     if diverged:  # same settings, same RNG state: it would diverge at the same epoch again
         raise TrackingError(f"Run {run_id} diverged (non-finite loss) at epoch {diverged}; resumed with the same "
@@ -325,6 +336,22 @@ def search_tagged(client: Any, experiment_ids: list[str], tags: dict[str, str], 
     """``client.search_runs`` for the runs whose tags equal ``tags`` exactly (names with any quotes)."""
     found = client.search_runs(experiment_ids, " and ".join(tag_equals(k, v) for k, v in tags.items()), **search)
     return tagged(found, tags)
+
+
+def attempt_runs(tags: dict[str, str]) -> list[Any]:
+    """The training runs, in any experiment, whose tags equal ``tags`` (a Ray task finds its earlier attempts)."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    ids = _all_experiment_ids(client)
+    return search_tagged(client, ids, {TAG_KIND: "train", **tags}) if ids else []
+
+
+def has_checkpoint(run_id: str) -> bool:
+    from mlflow.tracking import MlflowClient
+
+    folder = os.path.dirname(CHECKPOINT_ARTIFACT)
+    return any(item.path == CHECKPOINT_ARTIFACT for item in MlflowClient().list_artifacts(run_id, folder))
 
 
 def sweep_children(experiment: str, sweep_id: str) -> dict[str, list[tuple[str, str]]]:
