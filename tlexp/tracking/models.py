@@ -22,7 +22,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Iterator
 
-from .store import TrackingError
+from .store import TrackingError, _first_line
 
 PYTORCH_MODEL = "model"
 IMAGE_MODEL = "image_model"
@@ -147,3 +147,14 @@ def image_model_uri(model: str) -> str:
         raise TrackingError(f"Run {match.group(1)} has no image model ({IMAGE_MODEL}); only training runs "
                             f"that finished with this version of tlexp log one.")
     return found.model_uri
+
+
+def model_facts(uri: str) -> tuple[list[str], str | None]:
+    """(class names, source run id) of a logged image model, from its MLmodel file only (no weights)."""
+    from mlflow.models import get_model_info
+
+    try:
+        info = get_model_info(uri)
+    except Exception as exc:  # noqa: BLE001 - an unknown name, alias or version
+        raise TrackingError(f"Model {uri!r} could not be found ({type(exc).__name__}: {_first_line(exc)}).") from None
+    return list((info.metadata or {}).get("class_names") or []), info.run_id
