@@ -61,6 +61,8 @@ def test_image_model_takes_paths_bytes_and_base64_and_answers_as_validation_does
     assert out["probability"].iloc[-2] == pytest.approx(out["probability"].iloc[0], abs=1e-6)
     assert all(len(t) == 2 and t[0] == lab for t, lab in zip(out["top_labels"], out["label"]))
     assert (out["error"] == "").all()
+    as_dict = model.predict({"image": paths[:2]})  # a dict of lists, as MLflow's docs write inputs
+    assert list(as_dict["label"]) == list(out["label"][:2])
     schema = model.metadata.get_input_schema()
     assert schema.input_names() == ["image"] and schema.input_types()[0] == DataType.string
     assert {p.name for p in model.metadata.get_params_schema().params} == {"batch_size", "top_k"}

@@ -183,7 +183,9 @@ def test_end_to_end_train_compare_register_predict_serve_evaluate(tracking_uri, 
     Image.open(next((data / "bees").glob("*.png"))).convert("RGB").save(photo, "JPEG")
     expected = model.predict({"image": [str(photo)]})["label"][0]
     port = _free_port()
-    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri}
+    # The scoring server runs `uvicorn` by name: the venv's bin folder must be on PATH.
+    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri,
+           "PATH": os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")])}
     server = subprocess.Popen([sys.executable, "-m", "mlflow", "models", "serve", "-m", uri, "--env-manager",
                                "local", "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
                               env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=tmp_path)
@@ -198,7 +200,7 @@ def test_end_to_end_train_compare_register_predict_serve_evaluate(tracking_uri, 
         except subprocess.TimeoutExpired:
             server.kill()
             server.wait()
-    assert answer["predictions"][0]["label"] == expected
+    assert answer["predictions"][0]["label"] == expected, answer
     assert answer["predictions"][0]["error"] == ""
 
     held_out = make_image_tree(tmp_path / "held_out", {"": {"ants": 4, "bees": 4}}, size=16, seed=7)

@@ -58,9 +58,13 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
         params = params or {}
         batch_size = max(1, int(params.get("batch_size") or DEFAULT_BATCH_SIZE))
         top_k = max(1, min(int(params.get("top_k") or DEFAULT_TOP_K), len(self.classes)))
+        if isinstance(model_input, dict):
+            model_input = {"image": model_input.get("image", next(iter(model_input.values()), []))}
         frame = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame({"image": model_input})
         column = frame["image"] if "image" in frame.columns else frame.iloc[:, 0]
-        values = list(column)
+        values: list[Any] = []
+        for value in column:  # {"image": [a, b]} arrives as one row holding a list: one row per image
+            values.extend(value) if isinstance(value, (list, tuple, np.ndarray)) else values.append(value)
         rows: list[dict[str, Any]] = []
         with ThreadPoolExecutor(max_workers=4) as pool:  # PIL releases the GIL while decoding
             for start in range(0, len(values), batch_size):
