@@ -134,6 +134,28 @@ def test_evaluate_with_unknown_class_folders_says_so_before_any_work(trained, tm
     assert "['moths']" in result.output and len(_lines(result.output)) == 1, result.output
 
 
+def test_evaluate_scores_each_image_against_its_folder_and_logs_an_evaluation_run(trained, tmp_path):
+    from scipy.stats import binomtest
+
+    from tlexp.evaluate import evaluate_model
+
+    run_id = MlflowClient().search_runs([MlflowClient().get_experiment_by_name(EXPERIMENT).experiment_id])[0].info.run_id
+    held_out = make_image_tree(tmp_path / "held_out", {"": {"ants": 3, "wasps": 4}}, size=16, seed=3)
+    result = evaluate_model(run_id, str(held_out), batch_size=4, device="cpu")
+    assert result.n == 7 and result.classes == ["ants", "bees", "wasps"]
+    assert result.confusion.sum() == 7 and result.confusion[1].sum() == 0  # no bees folder: no bees row
+    assert result.correct == int(result.confusion.trace())
+    interval = binomtest(result.correct, 7).proportion_ci(confidence_level=0.95)
+    assert (result.ci_low, result.ci_high) == pytest.approx((interval.low, interval.high))
+    run = MlflowClient().get_run(result.run_id)
+    assert run.data.tags["tlexp.kind"] == "evaluation" and run.data.tags["tlexp.model_run_id"] == run_id
+    assert run.info.status == "FINISHED" and run.data.metrics["eval_acc"] == pytest.approx(result.correct / 7)
+    logged = MlflowClient().download_artifacts(result.run_id, "eval/predictions.csv", str(tmp_path))
+    rows = list(csv.DictReader(open(logged)))
+    hits = sum(Path(r["path"]).parent.name == r["label"] for r in rows)
+    assert hits == result.correct and len(rows) == 7  # each image scored against its own folder's class
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
