@@ -35,3 +35,12 @@ def _isolated_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("TLEXP_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.chdir(tmp_path)
     yield
+
+
+@pytest.fixture()
+def schema_store(tracking_uri, tmp_path) -> str:
+    """``tracking_uri``, pre-filled with MLflow's empty schema (creating it takes seconds)."""
+    from fake_store import new_store
+
+    new_store(tmp_path)
+    return tracking_uri

@@ -38,6 +38,14 @@ def tiny_weights(path: Path, seed: int = 0) -> Path:
     return path
 
 
+def all_runs(uri: str | None = None) -> list:
+    """Every run of every active experiment in the store (the current one by default)."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    return client.search_runs([e.experiment_id for e in client.search_experiments()])
+
+
 def v2_reference(image, params: dict[str, float]):
     """One uint8 image through torchvision.transforms.v2.functional with given parameters: what
     ``TrainPreset.apply`` must compute for that image."""

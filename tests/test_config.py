@@ -32,3 +32,17 @@ def test_validate_names_the_bad_value(changes, needle):
         TrainConfig(**changes).validate()
     assert needle in str(err.value)
     assert str(err.value).count("\n") == 0
+
+
+def test_identity_leaves_out_settings_the_strategy_does_not_read():
+    from tlexp.config import TrainConfig
+
+    base = TrainConfig(model="tinycnn", image_size=12)
+    for strategy, unread in (("scratch", {"lp_epochs": 3, "backbone_lr_mult": 0.5, "feature_cache_views": 2}),
+                             ("transfer", {"lp_epochs": 3, "backbone_lr_mult": 0.5}),
+                             ("finetune", {"lp_epochs": 3, "feature_cache": "off"})):
+        cfg = base.replace(strategy=strategy)
+        assert cfg.identity_key() == cfg.replace(**unread).identity_key(), strategy
+    lpft = base.replace(strategy="lpft", epochs=6)
+    for read in ({"lp_epochs": 3}, {"backbone_lr_mult": 0.5}, {"feature_cache_views": 2}, {"lr": 0.01}):
+        assert lpft.identity_key() != lpft.replace(**read).identity_key(), read

@@ -9,24 +9,13 @@ import pytest
 from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
 
-from fake_store import new_store
+from helpers import all_runs
 from tlexp import experiment, tracking
 from tlexp.cli import app
 from tlexp.config import ConfigError, TrainConfig
 
 TINY = ["--strategy", "scratch", "--model", "tinycnn", "--image-size", "12", "--samples-per-class", "8",
         "--epochs", "3", "--no-system-metrics", "--quiet"]
-
-
-@pytest.fixture()
-def store(tracking_uri, tmp_path) -> str:
-    new_store(tmp_path)
-    return tracking_uri
-
-
-def _runs() -> list:
-    client = MlflowClient()
-    return client.search_runs([e.experiment_id for e in client.search_experiments()])
 
 
 def _artifacts(run_id: str, path: str = "") -> list[str]:
@@ -36,11 +25,11 @@ def _artifacts(run_id: str, path: str = "") -> list[str]:
     return out
 
 
-def test_a_huge_lr_fails_the_run_with_one_line_instead_of_a_chance_score(store):
+def test_a_huge_lr_fails_the_run_with_one_line_instead_of_a_chance_score(schema_store):
     result = CliRunner().invoke(app, ["train", *TINY, "--lr", "1e30"])
     assert result.exit_code == 2, result.output
     (line,) = result.output.strip().splitlines()
-    (run,) = _runs()
+    (run,) = all_runs()
     assert line.startswith("Error: Training diverged at epoch 1: the training loss is nan")
     assert f"run {run.info.run_id} was marked FAILED" in line and "a smaller --lr than 1e+30" in line
     assert run.info.status == "FAILED"
@@ -49,7 +38,7 @@ def test_a_huge_lr_fails_the_run_with_one_line_instead_of_a_chance_score(store):
     assert "best_val_acc" not in run.data.metrics  # no result was logged for compare to average
 
 
-def test_divergence_mid_run_keeps_the_last_finite_epoch_and_refuses_a_resume(store, monkeypatch):
+def test_divergence_mid_run_keeps_the_last_finite_epoch_and_refuses_a_resume(schema_store, monkeypatch):
     real = experiment.train_one_epoch
     calls = {"n": 0}
 
@@ -63,7 +52,7 @@ def test_divergence_mid_run_keeps_the_last_finite_epoch_and_refuses_a_resume(sto
                          num_workers=0, system_metrics=False)
     with pytest.raises(experiment.Diverged, match="epoch 2: the training loss is nan.*epoch 1's checkpoint is kept"):
         experiment.train(config)
-    (run,) = _runs()
+    (run,) = all_runs()
     assert run.info.status == "FAILED"
     assert "checkpoint/last.pt" in _artifacts(run.info.run_id)
     assert tracking.load_checkpoint(run.info.run_id)["epoch"] == 1
@@ -79,12 +68,12 @@ def test_divergence_mid_run_keeps_the_last_finite_epoch_and_refuses_a_resume(sto
 @pytest.mark.parametrize("option, value", [("--lr", "inf"), ("--lr", "nan"), ("--lr", "-inf"),
                                            ("--backbone-lr-mult", "inf"), ("--val-fraction", "nan"),
                                            ("--test-fraction", "nan"), ("--train-fraction", "nan")])
-def test_non_finite_float_options_are_refused_before_any_run(option, value, store):
+def test_non_finite_float_options_are_refused_before_any_run(option, value, schema_store):
     result = CliRunner().invoke(app, ["train", *TINY, option, value])
     assert result.exit_code == 2
     (line,) = result.output.strip().splitlines()
     assert option in line and value in line.lower()
-    assert not _runs()
+    assert not all_runs()
 
 
 def test_validate_refuses_an_infinite_lr():

@@ -8,8 +8,7 @@ import torch
 from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
 
-from fake_store import new_store
-from helpers import tiny_weights
+from helpers import all_runs, tiny_weights
 from tlexp import experiment, tracking
 from tlexp.cli import app
 from tlexp.config import ConfigError, TrainConfig
@@ -19,19 +18,13 @@ from tlexp.strategies import apply_strategy, get_strategy, thaw
 CURVE = ("train_loss", "train_acc", "val_loss", "val_acc", "lr")
 
 
-@pytest.fixture()
-def store(tracking_uri, tmp_path) -> str:
-    new_store(tmp_path)
-    return tracking_uri
-
-
 def _body(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The body's entries of a Classifier state_dict: weights and BatchNorm running statistics."""
     return {k: v for k, v in state.items() if k.startswith("body.")}
 
 
 @pytest.mark.parametrize("cache", ["on", "off"])
-def test_lpft_keeps_the_body_frozen_through_the_probe_and_trains_it_after(cache, store, tmp_path, monkeypatch):
+def test_lpft_keeps_the_body_frozen_through_the_probe_and_trains_it_after(cache, schema_store, tmp_path, monkeypatch):
     states: list[dict] = []
     real = tracking.RunLogger.keep_checkpoint
     monkeypatch.setattr(tracking.RunLogger, "keep_checkpoint",
@@ -60,7 +53,7 @@ def test_lpft_keeps_the_body_frozen_through_the_probe_and_trains_it_after(cache,
     assert all(any(not torch.equal(a[k], b[k]) for k in a) for a, b in zip(heads, heads[1:]))
 
     client = MlflowClient()
-    run = client.search_runs([e.experiment_id for e in client.search_experiments()])[0]
+    (run,) = all_runs()
     assert run.info.status == "FINISHED"
     assert run.data.params["lp_switch_epoch"] == "3" and run.data.params["strategy"] == "lpft"
     assert [m.step for m in client.get_metric_history(run.info.run_id, "val_acc")] == [1, 2, 3, 4]
@@ -82,18 +75,18 @@ def test_lpft_switches_to_finetune_groups():
 
 
 @pytest.mark.parametrize("lp_epochs, epochs", [(3, 3), (5, 2)])
-def test_lpft_needs_fewer_probe_epochs_than_epochs(lp_epochs, epochs, store):
+def test_lpft_needs_fewer_probe_epochs_than_epochs(lp_epochs, epochs, schema_store):
     with pytest.raises(ConfigError, match=f"--lp-epochs {lp_epochs} with --epochs {epochs}"):
         TrainConfig(strategy="lpft", epochs=epochs, lp_epochs=lp_epochs).validate()
     TrainConfig(strategy="transfer", epochs=epochs, lp_epochs=lp_epochs).validate()  # only lpft probes
     result = CliRunner().invoke(app, ["train", "--strategy", "lpft", "--epochs", str(epochs),
                                       "--lp-epochs", str(lp_epochs), "--quiet"])
     assert result.exit_code == 2 and len(result.output.strip().splitlines()) == 1
-    assert not MlflowClient().search_runs([e.experiment_id for e in MlflowClient().search_experiments()])
+    assert not all_runs()
 
 
 @pytest.mark.parametrize("stop_in_epoch", [2, 3, 4])  # checkpoint mid-probe, at the switch, mid-fine-tune
-def test_lpft_resumed_mid_probe_or_mid_finetune_ends_identical(stop_in_epoch, store, tmp_path, monkeypatch):
+def test_lpft_resumed_mid_probe_or_mid_finetune_ends_identical(stop_in_epoch, schema_store, tmp_path, monkeypatch):
     config = TrainConfig(strategy="lpft", model="tinycnn", weights=str(tiny_weights(tmp_path / "w.pt")),
                          image_size=12, samples_per_class=10, epochs=4, lp_epochs=2, batch_size=16,
                          num_workers=0, lr=0.01)

@@ -4,20 +4,12 @@ the cell ids and the time estimate."""
 from __future__ import annotations
 
 import pytest
-from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
 
-from fake_store import new_store
-from helpers import tiny_weights
+from helpers import all_runs, tiny_weights
 from tlexp.cli import app
 from tlexp.config import ConfigError, TrainConfig
 from tlexp.sweep import Cell, SweepSpec, cell_id, estimate_seconds_left
-
-
-@pytest.fixture()
-def store(tracking_uri, tmp_path) -> str:
-    new_store(tmp_path)
-    return tracking_uri
 
 
 def _spec(**changes) -> SweepSpec:
@@ -28,9 +20,7 @@ def _spec(**changes) -> SweepSpec:
 
 
 def _runs(kind: str) -> list:
-    client = MlflowClient()
-    return [r for r in client.search_runs([e.experiment_id for e in client.search_experiments()])
-            if r.data.tags.get("tlexp.kind") == kind]
+    return [r for r in all_runs() if r.data.tags.get("tlexp.kind") == kind]
 
 
 def test_the_lr_axis_multiplies_the_grid_and_enters_every_id():
@@ -60,7 +50,7 @@ def test_the_time_estimate_groups_cells_by_lr_too():
     assert estimate_seconds_left(done, [Cell(3, base.replace(lr=1e-3, seed=1), "c", "run")]) == 10.0
 
 
-def test_one_lr_in_lrs_is_the_same_study_as_lr_and_both_together_are_refused(store):
+def test_one_lr_in_lrs_is_the_same_study_as_lr_and_both_together_are_refused(schema_store):
     def plan_lines(*args):
         result = CliRunner().invoke(app, ["sweep", "--strategies", "scratch", "--seeds", "0",
                                           "--samples-per-class", "10", "--model", "tinycnn", *args, "--dry-run"])
@@ -68,13 +58,14 @@ def test_one_lr_in_lrs_is_the_same_study_as_lr_and_both_together_are_refused(sto
 
     both = plan_lines("--lr", "0.01", "--lrs", "1e-3,1e-2")
     assert both.exit_code == 2
-    assert both.output.strip() == "Error: Give either --lr (one learning rate) or --lrs (a learning-rate axis), not both."
+    assert both.output.strip() == ("Error: Give either --lr (one learning rate) or --lrs (a learning-rate axis), "
+                                   "not both.")
     bad = plan_lines("--lrs", "1e-3,fast")
     assert bad.exit_code == 2 and "--lrs takes numbers such as 1e-3, got 'fast'" in bad.output
     assert "0.01" in plan_lines("--lrs", "0.01").output
 
 
-def test_sweep_with_an_lr_axis_runs_every_cell_once(store, tmp_path):
+def test_sweep_with_an_lr_axis_runs_every_cell_once(schema_store, tmp_path):
     """The acceptance command of issue 9: 2 strategies x 3 seeds x 2 lrs = 12 runs."""
     weights = tiny_weights(tmp_path / "w.pt")
     args = ["sweep", "--strategies", "scratch,transfer", "--seeds", "0,1,2", "--lrs", "1e-3,1e-2",

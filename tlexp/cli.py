@@ -70,20 +70,9 @@ def _root() -> None:
 @contextmanager
 def user_errors(*, sweep: bool = False) -> Iterator[None]:
     """Turn the errors a user can cause into one line on stderr and exit code 2."""
-    from .data import DataError
-    from .models import WeightsError
-    from .tracking import TrackingError
-
-    errors: tuple[type[BaseException], ...] = (ConfigError, DataError, WeightsError, TrackingError)
-    try:
-        from .compare import CompareError
-
-        errors += (CompareError,)
-    except ImportError:  # pragma: no cover - compare is optional while it is being built
-        pass
     try:
         yield
-    except errors as exc:
+    except _user_error_types() as exc:
         typer.secho(f"Error: {' '.join(str(exc).split(chr(10)))}", err=True, fg=typer.colors.RED)
         raise typer.Exit(EXIT_USAGE) from None
     except KeyboardInterrupt as exc:
@@ -100,6 +89,21 @@ def user_errors(*, sweep: bool = False) -> Iterator[None]:
         typer.secho(f"Error: out of memory ({first}); {marked}; try a smaller --batch-size "
                     f"(or --image-size).", err=True, fg=typer.colors.RED)
         raise typer.Exit(1) from None
+
+
+def _user_error_types() -> tuple[type[BaseException], ...]:
+    """The errors a user can cause. Evaluated only once an exception is raised, and only from modules already
+    imported (an error of a module that was never imported cannot have been raised): importing data.py or
+    models.py just to name their errors would load torch and torchvision, seconds that `compare` against a
+    server that is down must not spend."""
+    from .tracking import TrackingError
+
+    errors: tuple[type[BaseException], ...] = (ConfigError, TrackingError)
+    for module, name in (("tlexp.data", "DataError"), ("tlexp.models", "WeightsError"),
+                         ("tlexp.compare", "CompareError")):
+        if module in sys.modules:
+            errors += (getattr(sys.modules[module], name),)
+    return errors
 
 
 def interrupted_message(exc: BaseException) -> str:
@@ -238,6 +242,7 @@ def parse_strategies(option: str, value: str) -> list[str]:
 @app.command()
 @config_options()
 def train(
+    ctx: typer.Context,
     *,
     strategy: Annotated[str, typer.Option(help=_choice_help("One strategy or several comma-separated, each its "
                                                             "own run", Strategy))] = "transfer",
@@ -245,8 +250,9 @@ def train(
     samples_per_class: Annotated[str, typer.Option(help="Train on N images per class, or 'all'.")] = "all",
     train_fraction: Annotated[float, typer.Option(help="Train on this stratified fraction of the train split.")] = 1.0,
     run_name: Annotated[Optional[str], typer.Option(help="MLflow run name (default strategy-model-sSEED).")] = None,
-    resume: Annotated[Optional[str], typer.Option(help="Continue an interrupted run (its RUN_ID) from its "
-                                                       "last completed epoch.")] = None,
+    resume: Annotated[Optional[str], typer.Option(help="Continue an interrupted run (its RUN_ID, or the first 8+ "
+                                                       "characters of it) from its last completed epoch, with "
+                                                       "its own settings.")] = None,
     quiet: QuietOpt = False,
     options: dict[str, Any],
 ) -> None:
@@ -256,6 +262,14 @@ def train(
     with user_errors():
         reporter = _reporter(quiet)
         if resume is not None:
+            # A resumed run continues with the settings it logged; an option that would change it is refused,
+            # not ignored. (To train longer or at another lr, start a new run: its curve is then its own.)
+            changed = [f"--{name.replace('_', '-')}" for name in explicit_options(ctx)
+                       if name not in ("resume", "quiet")]
+            if changed:
+                raise ConfigError(f"--resume continues run {resume} with its own settings, so {', '.join(changed)} "
+                                  f"cannot be given with it; leave {'it' if len(changed) == 1 else 'them'} out, or "
+                                  f"start a new run.")
             summary = train_run(TrainConfig(), reporter=reporter, resume_run_id=resume)
             _print_summaries([summary])
             return
@@ -314,8 +328,12 @@ def sweep(
         from rich.console import Console
 
         console = Console(stderr=True)
-        if dry_run:
-            _print_plan(plan(spec))
+        if dry_run:  # reads the store, creates nothing, and never waits minutes on a server that is down
+            from . import tracking
+
+            with tracking.quick_http():
+                tracking.check_store(read_only=True)
+                _print_plan(plan(spec))
             return
         result = run_sweep(spec, reporter=_reporter(quiet, prefix="  "),
                            on_cell=lambda cell, n, eta: console.print(_cell_line(cell, n, eta), soft_wrap=True))
@@ -341,15 +359,29 @@ def compare(
                                                              "or ./mlflow.db).")] = None,
 ) -> None:
     """Compare the strategies of an experiment from the tracking store alone: table, charts, findings."""
-    from .compare import run_compare
+    from . import tracking
 
-    with user_errors():
-        result = run_compare(experiment, output=output, formats=format, tracking_uri=tracking_uri,
-                             log_to_mlflow=log)
+    # compare is short: every request it makes fails within seconds when the server is down (not in minutes).
+    with user_errors(), tracking.quick_http():
+        uri = tracking.check_store(tracking_uri, read_only=True)
+        if not tracking.store_exists(uri):
+            raise tracking.TrackingError(f"Tracking store {uri!r} does not exist yet, so there is nothing to "
+                                         f"compare; train first, or point --tracking-uri (or MLFLOW_TRACKING_URI) "
+                                         f"at the store your runs are in.")
+        # A store that cannot be written still gets its report: the comparison run is what is left out.
+        unlogged = tracking.write_problem(uri) if log else None
+        from .compare import run_compare
+
+        result = run_compare(experiment, output=output, formats=format, tracking_uri=uri,
+                             log_to_mlflow=log and unlogged is None)
         from rich.console import Console
 
         Console().print(f"Report: {result.output_dir / 'report.html'}  ({len(result.files)} files in "
                         f"{result.output_dir})", soft_wrap=True)
+        if unlogged:
+            typer.secho(f"Error: the report was written, but not logged to MLflow: tracking store {uri!r} cannot "
+                        f"be written ({unlogged}); pass --no-log to skip logging.", err=True, fg=typer.colors.RED)
+            raise typer.Exit(EXIT_USAGE)
 
 
 @app.command()

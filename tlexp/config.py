@@ -67,6 +67,14 @@ BUILTIN_DATASETS = ("digits", "flowers102")
 # is what repeats of "the same settings" differ in. Everything else is part of a run's identity.
 NOT_IDENTITY = frozenset({"run_name", "device", "num_workers", "cache_dir", "experiment", "eval_batch_size",
                           "compile", "system_metrics", "seed"})
+# Settings only some strategies read: for the others they cannot change a result, so they are not part of
+# those runs' identity (a sweep does not re-run scratch because --lp-epochs changed).
+STRATEGY_SETTINGS = {
+    "backbone_lr_mult": frozenset({"finetune", "lpft"}),
+    "lp_epochs": frozenset({"lpft"}),
+    "feature_cache": frozenset({"transfer", "lpft"}),
+    "feature_cache_views": frozenset({"transfer", "lpft"}),
+}
 
 DEFAULT_EXPERIMENT = "tl-vs-scratch"
 MAX_SEED = 2**63 - 1  # --seed and --split-seed: what every torch generator accepts, offsets included
@@ -151,15 +159,18 @@ class TrainConfig:
         out["dataset"] = self.dataset_name
         return out
 
-    def identity(self, *, data_id: str | None = None) -> dict[str, str]:
+    def identity(self, *, data_id: str | None = None, every_setting: bool = False) -> dict[str, str]:
         """Every resolved setting that can change a result, except the seed: the one definition of
         "the same settings" (compare groups by it, sweep skips finished cells by it).
 
         ``data_id`` is the data's content fingerprint when known; it replaces the ``--data`` string, so
         ``./base``, ``base/`` and the absolute path are one dataset and a changed folder is another.
+        ``every_setting`` keeps the settings this run's strategy does not read (a sweep's base config
+        stands for every strategy of the sweep).
         """
         params = self.resolve().to_params()
-        ident = {k: v for k, v in params.items() if k not in NOT_IDENTITY}
+        ident = {k: v for k, v in params.items() if k not in NOT_IDENTITY and
+                 (every_setting or self.strategy in STRATEGY_SETTINGS.get(k, (self.strategy,)))}
         if data_id:
             ident["data"] = data_id
             ident.pop("dataset", None)

@@ -173,6 +173,7 @@ def train(config: TrainConfig, *, reporter: Reporter | None = None, data: ImageD
     tracking.check_store(experiment=None if resume_run_id else config.experiment)
     if resume_run_id is not None:
         run = tracking.resumable_run(resume_run_id)
+        resume_run_id = run.info.run_id  # the whole id, also when the user typed a prefix of it
         checkpoint = tracking.load_checkpoint(resume_run_id)
         config = TrainConfig.from_params(run.data.params)
     prep = prepared or prepare(config, reporter=reporter, data=data)

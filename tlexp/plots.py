@@ -24,8 +24,8 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 # The seed's colours were steelblue (transfer) and coral (scratch); keep that association.
-KNOWN_COLORS = {"transfer": "#1f77b4", "finetune": "#2ca02c", "scratch": "#d62728"}
-_SPARE_COLORS = ("#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf", "#bcbd22", "#7f7f7f")
+KNOWN_COLORS = {"transfer": "#1f77b4", "finetune": "#2ca02c", "scratch": "#d62728", "lpft": "#9467bd"}
+_SPARE_COLORS = ("#ff7f0e", "#8c564b", "#e377c2", "#17becf", "#bcbd22", "#7f7f7f")
 BAND_ALPHA = 0.18
 DPI = 100
 

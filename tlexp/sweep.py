@@ -69,7 +69,7 @@ class SweepSpec:
     def sweep_id(self, data_id: str | None = None) -> str:
         """Stable id of this study: the base settings (with the data by content) and the grid."""
         axes = {"strategy", "samples_per_class"} | ({"lr"} if self.lrs else set())
-        ident = self.base.identity(data_id=data_id or self.data_id())
+        ident = self.base.identity(data_id=data_id or self.data_id(), every_setting=True)
         base = {k: v for k, v in ident.items() if k not in axes}
         grid: dict[str, list] = {"strategies": list(self.strategies), "seeds": list(self.seeds),
                                  "samples_per_class": ["all" if n is None else n for n in self.samples_per_class]}
@@ -176,8 +176,9 @@ def run_sweep(spec: SweepSpec, *, reporter: Any = None,
                 summary = train(cell.config, reporter=reporter, parent_run_id=parent.run_id,
                                 extra_tags={tracking.TAG_SWEEP: sweep_id, tracking.TAG_CELL: cell.cell_id})
                 cell.run_id, cell.status = summary.run_id, "FINISHED"
-            except KeyboardInterrupt:
-                cell.status = "KILLED"
+            except KeyboardInterrupt as exc:
+                # A signal deferred to the very end of a cell leaves its run FINISHED in the store.
+                cell.status = "FINISHED" if getattr(exc, "finished", False) else "KILLED"
                 raise
             except Exception as exc:  # noqa: BLE001 - one broken cell must not lose the rest of the study
                 # User mistakes were caught by preflight(); this is a fault. The child run is FAILED

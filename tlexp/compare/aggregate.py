@@ -19,6 +19,7 @@ from tlexp.config import NOT_IDENTITY, TrainConfig, digest
 
 # Settings tuned per strategy: they make rows, not groups. In each group the row of each strategy with
 # the best mean validation accuracy is chosen (Kornblith et al., CVPR 2019: tune each setting on validation).
+NOT_READ = "n/a"  # the identity value of a setting the run's strategy does not read
 TUNED_KEYS = ("lr", "backbone_lr_mult", "lp_epochs", "weights", "feature_cache", "feature_cache_views")
 # What the table aggregates per row: mean and std over seeds of each per-run number.
 TABLE_METRICS = ("test_acc", "best_val_acc", "final_val_acc", "final_train_acc", "total_time_s",
@@ -45,11 +46,12 @@ def run_identity(params: dict[str, str], dataset: str = "") -> dict[str, str]:
 
 
 def identities(runs: pd.DataFrame) -> pd.DataFrame:
-    """One row per run: run_id and every identity setting as a string column ('none' where absent)."""
+    """One row per run: run_id and every identity setting as a string column (NOT_READ where the run's
+    strategy does not read the setting, e.g. scratch's lp_epochs)."""
     rows = [{"run_id": run_id, **run_identity(params if isinstance(params, dict) else {}, dataset)}
             for run_id, params, dataset in zip(runs["run_id"], runs["params"], runs["dataset"])]
     frame = pd.DataFrame(rows).set_index("run_id")
-    return frame.drop(columns=["strategy"], errors="ignore").fillna("none").astype(str)
+    return frame.drop(columns=["strategy"], errors="ignore").fillna(NOT_READ).astype(str)
 
 
 def drop_repeats(runs: pd.DataFrame, row_key: pd.Series) -> tuple[pd.DataFrame, list[str]]:
@@ -169,8 +171,10 @@ def seconds_until(epoch_time_s: pd.Series, step: int) -> float:
 def varying_keys(stats: pd.DataFrame) -> tuple[list[str], dict[str, str]]:
     """Split the identity settings into those that differ between runs and those shared (with their value)."""
     keys = [c for c in stats.columns if c in _CONFIG_FIELDS and c not in ("strategy", "seed")]
-    varying = [k for k in keys if stats[k].nunique() > 1]
-    shared = {k: str(stats[k].iloc[0]) for k in keys if k not in varying}
+    # A setting some strategies do not read varies only if the runs that read it differ.
+    varying = [k for k in keys if stats.loc[stats[k] != NOT_READ, k].nunique() > 1]
+    shared = {k: str(read.iloc[0]) for k in keys if k not in varying
+              for read in [stats.loc[stats[k] != NOT_READ, k]] if len(read)}
     return varying, shared
 
 

@@ -16,7 +16,8 @@ from .logger import FitLogger, NullLogger
 from .runs import RunLogger, load_checkpoint, sweep_run, training_run
 from .signals import Interrupted, raise_pending, sigterm_as_interrupt, signals_deferred
 from .store import (CHECKPOINT_ARTIFACT, TAG_CELL, TAG_DIVERGED_EPOCH, TAG_ERROR, TAG_EXPERIMENT, TAG_KIND,
-                    TAG_STALE_CHECKPOINT, TAG_SWEEP, TrackingError, check_store, experiment_id, resumable_run,
-                    retry_locked, run_exists, search_tagged, sweep_children, tag_equals, tagged, tracking_uri)
+                    TAG_STALE_CHECKPOINT, TAG_SWEEP, TrackingError, check_store, experiment_id, find_run, quick_http,
+                    resumable_run, retry_locked, run_exists, search_tagged, sqlite_path, store_exists, sweep_children,
+                    tag_equals, tagged, tracking_uri, write_problem)
 
 # The names imported above are this package's public face.

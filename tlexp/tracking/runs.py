@@ -270,8 +270,13 @@ def load_checkpoint(run_id: str) -> dict[str, Any]:
     """Download and load the checkpoint a KILLED/FAILED run saved."""
     import torch
     from mlflow.artifacts import download_artifacts
+    from mlflow.tracking import MlflowClient
 
     try:
+        # Looked up first: a download of a missing file would draw MLflow's progress bar before the error.
+        folder = os.path.dirname(CHECKPOINT_ARTIFACT)
+        if CHECKPOINT_ARTIFACT not in [a.path for a in MlflowClient().list_artifacts(run_id, folder)]:
+            raise FileNotFoundError(CHECKPOINT_ARTIFACT)
         path = download_artifacts(run_id=run_id, artifact_path=CHECKPOINT_ARTIFACT)
     except Exception as exc:
         raise TrackingError(f"Run {run_id} has no checkpoint to resume from ({CHECKPOINT_ARTIFACT}); only runs "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import time
 from typing import Any, Iterable, Iterator
 
@@ -27,52 +28,99 @@ def tracking_uri() -> str:
     return mlflow.get_tracking_uri()
 
 
-def check_store(uri: str | None = None, *, experiment: str | None = None) -> str:
-    """Fail fast, before any training, if the tracking store cannot be reached or written.
+def check_store(uri: str | None = None, *, experiment: str | None = None, read_only: bool = False) -> str:
+    """Fail fast, before any training, if the tracking store cannot be reached or written; return its URI.
 
-    With ``experiment``, a local artifact folder the run would write to is checked too.
+    With ``experiment``, a local artifact folder the run would write to is checked too. ``read_only``
+    (compare, sweep --dry-run) creates nothing: a SQLite folder that does not exist is refused, and a SQLite
+    file that does not exist yet is not opened (MLflow would create it; there is nothing in it to read).
+    Every problem is one sentence (TrackingError); a server that is down answers within seconds.
     """
     import mlflow
     from mlflow.tracking import MlflowClient
 
     uri = uri or mlflow.get_tracking_uri()
-    if uri.startswith("sqlite:///"):
-        path = uri[len("sqlite:///"):]
-        folder = os.path.dirname(os.path.abspath(path)) or "."
+    path = sqlite_path(uri)
+    if path is not None:
+        folder = os.path.dirname(path) or "."
         if not os.path.isdir(folder):
             raise TrackingError(f"Tracking store {uri!r}: folder {folder!r} does not exist; create it or set "
                                 f"MLFLOW_TRACKING_URI to a writable location.")
-        target = path if os.path.exists(path) else folder
-        if not os.access(target, os.W_OK):
-            raise TrackingError(f"Tracking store {uri!r} is not writable; set MLFLOW_TRACKING_URI to a "
-                                f"writable location (e.g. sqlite:///$HOME/mlflow.db).")
+        if read_only and not os.path.exists(path):
+            return uri
+        if not read_only and write_problem(uri):
+            raise TrackingError(f"Tracking store {uri!r} is not writable ({write_problem(uri)}); set "
+                                f"MLFLOW_TRACKING_URI to a writable location (e.g. sqlite:///$HOME/mlflow.db).")
     try:
         # A server that is down must fail in seconds: MLflow's default retries take minutes.
-        with _schema_lock(uri), _quick_http():
+        with _schema_lock(uri, shared=read_only), quick_http():
             client = MlflowClient(uri)
             client.search_experiments(max_results=1)
             found = client.get_experiment_by_name(experiment) if experiment else None
     except Exception as exc:
-        hint = ("set MLFLOW_TRACKING_URI to a writable location (e.g. sqlite:///$HOME/mlflow.db)"
-                if uri.startswith("sqlite:") else "start the server or set MLFLOW_TRACKING_URI")
-        raise TrackingError(f"Tracking store {uri!r} is not reachable ({type(exc).__name__}: "
-                            f"{_first_line(exc)}); {hint}.") from exc
+        raise TrackingError(_unusable(uri, exc)) from exc
     if found is not None and found.lifecycle_stage != "active":
         raise TrackingError(f"Experiment {experiment!r} is deleted in {uri!r}; restore it (`mlflow experiments "
                             f"restore --experiment-id {found.experiment_id}`) or pass another --experiment.")
-    if experiment:
+    if experiment and not read_only:
         _check_artifact_folder(found.artifact_location if found is not None else _default_artifact_root(uri),
                                experiment)
     return uri
 
 
+def _unusable(uri: str, exc: BaseException) -> str:
+    """One sentence for a store MLflow could not open or query."""
+    detail = f"{type(exc).__name__}: {_first_line(exc)}"
+    path = sqlite_path(uri)
+    if path is not None and os.path.isfile(path) and "not a database" in str(exc):
+        return (f"Tracking store {uri!r}: {path!r} is not an MLflow database ({detail}); point "
+                f"MLFLOW_TRACKING_URI (or --tracking-uri) at the store tlexp wrote, or at a new file.")
+    if path is not None:
+        return (f"Tracking store {uri!r} cannot be used ({detail}); set MLFLOW_TRACKING_URI to a writable "
+                f"location (e.g. sqlite:///$HOME/mlflow.db).")
+    return f"Tracking store {uri!r} is not reachable ({detail}); start the server or set MLFLOW_TRACKING_URI."
+
+
+def sqlite_path(uri: str) -> str | None:
+    """The absolute file path of a ``sqlite:///`` store, None for any other kind."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    return os.path.abspath(uri[len("sqlite:///"):].split("?", 1)[0])
+
+
+def store_exists(uri: str | None = None) -> bool:
+    """False only for a SQLite store whose file does not exist yet (nothing has been logged there)."""
+    import mlflow
+
+    path = sqlite_path(uri or mlflow.get_tracking_uri())
+    return path is None or os.path.exists(path)
+
+
+def write_problem(uri: str | None = None) -> str | None:
+    """Why a local SQLite store cannot be written (file or folder read-only), else None (a server cannot be
+    asked without writing, so it is assumed writable)."""
+    import mlflow
+
+    path = sqlite_path(uri or mlflow.get_tracking_uri())
+    if path is None:
+        return None
+    folder = os.path.dirname(path) or "."
+    # SQLite writes a journal next to the file, so the folder must be writable as well as the file.
+    for target, what in ((path, "file"), (folder, "folder")):
+        if os.path.exists(target) and not os.access(target, os.W_OK):
+            return f"its {what} {target!r} is read-only"
+    return None
+
+
 @contextlib.contextmanager
-def _quick_http() -> Iterator[None]:
-    """At most one retry and a 10 s timeout for MLflow's HTTP requests inside the block."""
+def quick_http() -> Iterator[None]:
+    """At most one retry and a 10 s timeout for MLflow's HTTP requests inside the block (the user's own
+    MLFLOW_HTTP_REQUEST_* values win). For checks and short read-only commands: a long training run keeps
+    MLflow's patient defaults, so a server that blinks does not fail it."""
     settings = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
                 "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
     saved = {k: os.environ.get(k) for k in settings}
-    os.environ.update({k: v for k, v in settings.items() if saved[k] is None})  # the user's own values win
+    os.environ.update({k: v for k, v in settings.items() if saved[k] is None})
     try:
         yield
     finally:
@@ -110,7 +158,7 @@ def _check_artifact_folder(location: str | None, experiment: str) -> None:
 
 
 @contextlib.contextmanager
-def _schema_lock(uri: str) -> Iterator[None]:
+def _schema_lock(uri: str, *, shared: bool = False) -> Iterator[None]:
     """Serialise first use of a SQLite store across processes.
 
     MLflow creates and migrates the schema of a fresh SQLite file on first
@@ -130,7 +178,7 @@ def _schema_lock(uri: str) -> Iterator[None]:
     folder = os.path.dirname(os.path.abspath(uri[len("sqlite:///"):])) or "."
     fd = os.open(folder, os.O_RDONLY)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        fcntl.flock(fd, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)  # readers only wait for a schema being made
         yield
     finally:
         os.close(fd)  # closing the descriptor releases the lock
@@ -186,9 +234,37 @@ def run_exists(run_id: str) -> Any:
                             f"pass the id of a tlexp run (see `mlflow ui` or `tlexp compare`).") from exc
 
 
+MIN_RUN_ID_PREFIX = 8  # characters of a run id that name a run (git-style short ids)
+
+
+def find_run(run_id: str) -> Any:
+    """The run whose id is ``run_id``, or the only one whose id starts with it (at least 8 characters)."""
+    from mlflow.tracking import MlflowClient
+
+    if len(run_id) >= 32 or not re.fullmatch(r"[0-9a-fA-F]+", run_id):
+        return run_exists(run_id)  # a whole id (or not an id at all: then "not found")
+    if len(run_id) < MIN_RUN_ID_PREFIX:
+        raise TrackingError(f"Run id {run_id!r} is too short to name one run; give its first "
+                            f"{MIN_RUN_ID_PREFIX} characters or more.")
+    client = MlflowClient()
+    ids = _all_experiment_ids(client)
+    # Hex digits only (checked above), so the prefix cannot smuggle a LIKE wildcard or a quote in.
+    matches = client.search_runs(ids, filter_string=f"attributes.run_id LIKE '{run_id.lower()}%'",
+                                 max_results=11) if ids else []
+    if not matches:
+        return run_exists(run_id)
+    if len(matches) > 1:
+        listed = ", ".join(f"{r.info.run_id} ({r.info.run_name})" for r in matches[:10])
+        count = "more than 10" if len(matches) > 10 else str(len(matches))
+        raise TrackingError(f"Run id {run_id!r} is the start of {count} runs' ids ({listed}); give more of the id.")
+    return matches[0]
+
+
 def resumable_run(run_id: str) -> Any:
-    """The run ``run_id`` if it ended KILLED or FAILED (so ``--resume`` cannot log an epoch twice)."""
-    run = run_exists(run_id)
+    """The run ``run_id`` (or the only run whose id starts with it) if it ended KILLED or FAILED (so
+    ``--resume`` cannot log an epoch twice)."""
+    run = find_run(run_id)
+    run_id = run.info.run_id
     status = run.info.status
     if status == "FINISHED":
         raise TrackingError(f"Run {run_id} is FINISHED; only KILLED or FAILED runs can be resumed "
@@ -239,9 +315,11 @@ def sweep_children(experiment: str, sweep_id: str) -> dict[str, list[tuple[str, 
     """cell id -> [(status, run id)] of the training runs an earlier run of this sweep left."""
     from mlflow.tracking import MlflowClient
 
+    out: dict[str, list[tuple[str, str]]] = {}
+    if not store_exists():  # a dry run before the first sweep: nothing ran, and nothing is created
+        return out
     client = MlflowClient()
     ids = _all_experiment_ids(client)
-    out: dict[str, list[tuple[str, str]]] = {}
     if not ids:
         return out
     tags = {TAG_SWEEP: sweep_id, TAG_KIND: "train", TAG_EXPERIMENT: experiment}
