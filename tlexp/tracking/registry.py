@@ -5,10 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from .comparison import KIND_COMPARISON
 from .models import IMAGE_MODEL, run_model
 from .store import TAG_EXPERIMENT, TAG_KIND, TrackingError, _first_line, search_tagged
-
-KIND_COMPARISON = "comparison"
 
 
 @dataclass
