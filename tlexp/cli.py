@@ -64,6 +64,7 @@ def _root() -> None:
     # MLflow's INFO lines ("Creating initial MLflow database tables...") drown the progress output;
     # its warnings stay. A user's own MLFLOW_LOGGING_LEVEL wins.
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # tlexp draws its own bars
 
 
 @contextmanager
@@ -428,6 +429,129 @@ def _ray_options(ctx: typer.Context, executor: str, *, ray_address: str | None, 
     if gpus_per_cell is not None and gpus_per_cell < 0:
         raise ConfigError(f"--gpus-per-cell must be 0 or more, got {gpus_per_cell:g}.")
     return RayOptions(address=ray_address, cpus_per_cell=cpus_per_cell, gpus_per_cell=gpus_per_cell)
+
+
+@app.command()
+def predict(
+    paths: Annotated[list[str], typer.Argument(help="Image files, folders (searched recursively) or globs.")],
+    model: Annotated[str, typer.Option("--model", "-m", help="A training run id, runs:/RUN_ID, "
+                                       "models:/NAME@champion or models:/NAME/VERSION.")],
+    output: Annotated[str, typer.Option("--output", "-o", help="CSV to write.")] = "predictions.csv",
+    batch_size: Annotated[int, typer.Option(help="Images per batch.")] = 32,
+    top_k: Annotated[int, typer.Option(help="How many classes to list per image.")] = 3,
+    device: Annotated[Device, typer.Option(help=_choice_help("Where the model runs", Device))] = Device.AUTO,
+    tracking_uri: Annotated[Optional[str], typer.Option(help="Tracking store (default: MLFLOW_TRACKING_URI "
+                                                             "or ./mlflow.db).")] = None,
+) -> None:
+    """Label new images with a logged model: prints the first rows and writes predictions.csv."""
+    from .predict import predict as run_predict
+
+    with user_errors():
+        _use_store(tracking_uri)
+        with _progress_bar("predicting") as advance:
+            result = run_predict(model, paths, output=output, batch_size=batch_size, top_k=top_k,
+                                 device=device.value, progress=advance)
+        _print_predictions(result)
+
+
+@app.command()
+def register(
+    experiment: Annotated[str, typer.Option(help="MLflow experiment name.")] = DEFAULT_EXPERIMENT,
+    name: Annotated[Optional[str], typer.Option(help="Registered model name (default: the experiment's "
+                                                     "name).")] = None,
+    tracking_uri: Annotated[Optional[str], typer.Option(help="Tracking store (default: MLFLOW_TRACKING_URI "
+                                                             "or ./mlflow.db).")] = None,
+) -> None:
+    """Register the winner's image model as a new version of NAME and point the alias 'champion' at it.
+
+    Winner: the strategy with the best mean test accuracy (compare's headline); among its runs, the one
+    with the best validation accuracy.
+    """
+    from .registry import register_winner
+
+    with user_errors():
+        _use_store(tracking_uri)
+        done = register_winner(experiment, name=name, tracking_uri=tracking_uri)
+        from rich.console import Console
+
+        champion = done.champion
+        Console().print(f"Registered {done.name} version {done.version} ({done.uri}): {champion.finding} Run "
+                        f"{champion.run_id}, the best on validation ({champion.run_val_acc:.1%}) of "
+                        f"{champion.n_runs} {champion.strategy} run(s).", soft_wrap=True, highlight=False)
+
+
+@app.command()
+def evaluate(
+    model: Annotated[str, typer.Option("--model", "-m", help="A training run id, runs:/RUN_ID, "
+                                       "models:/NAME@champion or models:/NAME/VERSION.")],
+    data: Annotated[str, typer.Option(help="A labelled ImageFolder the model never saw (one folder per "
+                                           "class, named as the model's classes).")],
+    batch_size: Annotated[int, typer.Option(help="Images per batch.")] = 32,
+    device: Annotated[Device, typer.Option(help=_choice_help("Where the model runs", Device))] = Device.AUTO,
+    log: Annotated[bool, typer.Option("--log/--no-log", help="Log the result as an evaluation run.")] = True,
+    tracking_uri: Annotated[Optional[str], typer.Option(help="Tracking store (default: MLFLOW_TRACKING_URI "
+                                                             "or ./mlflow.db).")] = None,
+) -> None:
+    """Score a model on new labelled images: accuracy with its 95% interval, per class, confusion matrix."""
+    from .evaluate import evaluate_model
+
+    with user_errors():
+        _use_store(tracking_uri)
+        with _progress_bar("evaluating") as advance:
+            result = evaluate_model(model, data, batch_size=batch_size, device=device.value, log=log,
+                                    progress=advance)
+        from rich.console import Console
+
+        console = Console()
+        console.print(f"Accuracy {result.accuracy:.1%} on {result.n} images (95% CI {result.ci_low:.1%} to "
+                      f"{result.ci_high:.1%}); {len(result.skipped)} unreadable skipped.", highlight=False)
+        for row in result.per_class.itertuples():
+            if row.support:
+                console.print(f"  {row[1]}: {row.accuracy:.1%} ({row.correct}/{row.support})", highlight=False)
+        if result.run_id:
+            console.print(f"Logged as evaluation run {result.run_id} (confusion matrix: "
+                          f"eval/confusion_matrix.png).", highlight=False)
+
+
+def _use_store(tracking_uri: str | None) -> None:
+    """Point MLflow at ``--tracking-uri`` when given (else MLFLOW_TRACKING_URI, else ./mlflow.db)."""
+    if tracking_uri:
+        import mlflow
+
+        mlflow.set_tracking_uri(tracking_uri)
+
+
+@contextmanager
+def _progress_bar(label: str) -> Iterator[Callable[[int, int], None]]:
+    """A transient rich progress bar on stderr; yields advance(n, total)."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    with Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                  console=Console(stderr=True), transient=True) as progress:
+        task = progress.add_task(label, total=None)
+
+        def advance(n: int, total: int) -> None:
+            progress.update(task, advance=n, total=total)
+
+        yield advance
+
+
+def _print_predictions(result: Any, rows: int = 10) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    table = Table("path", "label", "probability", "top-k")
+    for row in result.frame.head(rows).itertuples():
+        table.add_row(str(row.path), str(row.label), f"{row.probability:.1%}", str(row.top_k))
+    console.print(table)
+    more = f" (first {rows} shown)" if len(result.frame) > rows else ""
+    console.print(f"{len(result.frame)} images labelled{more} at {result.images_per_s:.1f} images/s; "
+                  f"wrote {result.output}", soft_wrap=True)
+    if result.skipped:
+        console.print(f"[yellow]{len(result.skipped)} unreadable file(s) skipped[/yellow], e.g. "
+                      f"{result.skipped[0][0]} ({result.skipped[0][1]})", soft_wrap=True)
 
 
 def _parse_int(option: str, value: str) -> int:

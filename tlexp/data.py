@@ -29,6 +29,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from . import imagefile
 from .dataset import DataError, ImageData
 from .folders import IMG_EXTENSIONS, nfc, scan_image_folder
 from .splits import (Splits, carve, make_splits, small_class_warning, split_manifest, stratified_split,
@@ -200,24 +201,8 @@ def _fingerprints(root: str, files: list[str]) -> tuple[str, str]:
 # ------------------------------------------------------------------ decoding
 def decode_image(path: str, image_size: int) -> np.ndarray:
     """Decode one file to (3, S, S) uint8 RGB, upright (EXIF orientation), squashed to S x S as the seed's
-    Resize((S, S)) does."""
-    from PIL import Image, ImageOps
-
-    with Image.open(path) as img:
-        img.load()  # raises on truncated/corrupt files, which the caller reports and skips
-        if EXIF_TRANSPOSE:  # in place: no full-size copy of the (usual) image without a rotation tag
-            ImageOps.exif_transpose(img, in_place=True)
-        if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-            # 16-bit and float greyscale: Image.convert('RGB') would clip, so scale to 8 bits.
-            arr = np.asarray(img, dtype=np.float32)
-            top = 65535.0 if img.mode.startswith("I;16") else max(float(arr.max()), 1.0)
-            img = Image.fromarray(np.clip(arr / top * 255.0, 0, 255).astype(np.uint8))
-        if img.mode == "P" and "transparency" in img.info:
-            img = img.convert("RGBA")
-        if img.mode != "RGB":  # convert() would copy even an RGB image: a full-size buffer for nothing
-            img = img.convert("RGB")
-        img = img.resize((image_size, image_size), Image.BILINEAR, reducing_gap=None)
-        return np.asarray(img, dtype=np.uint8).transpose(2, 0, 1)
+    Resize((S, S)) does (``imagefile.decode_image``, which the logged image model ships too)."""
+    return imagefile.decode_image(path, image_size, exif_transpose=EXIF_TRANSPOSE)
 
 
 def check_room(n_images: int, image_size: int, *, cache_dir: str | None) -> None:

@@ -1,4 +1,4 @@
-"""Runs: open, log into, and always close a training or sweep run; checkpoints; the logged model."""
+"""Runs: open, log into, and always close a training or sweep run; checkpoints (models: ``models``)."""
 
 from __future__ import annotations
 
@@ -107,13 +107,11 @@ class RunLogger:
         self.client.log_artifact(self.run_id, local_path, artifact_dir)
 
     def log_model(self, model: Any, *, input_example: Any, class_names: list[str]) -> None:
-        """Log the model (MLflow's default format) with a signature inferred from ``input_example``."""
-        import mlflow
+        """Log the run's models (``tracking.models``: the pytorch module and the image pyfunc)."""
+        from .models import log_run_models
 
         with _active(self.run_id):
-            # Explicit requirements: MLflow's inference re-imports the model in a subprocess (~10 s a run).
-            mlflow.pytorch.log_model(model, name="model", input_example=input_example,
-                                     pip_requirements=_model_requirements(), metadata={"class_names": class_names})
+            log_run_models(model, input_example=input_example, class_names=class_names)
 
     # -- checkpoints ---------------------------------------------------------
     def atomic(self) -> contextlib.AbstractContextManager:
@@ -161,17 +159,6 @@ class RunLogger:
         self._saved_at = time.monotonic()
         self.checkpoint_seconds.append(time.perf_counter() - t0)
         return True
-
-
-def _model_requirements() -> list[str]:
-    """What loading the logged model needs, pinned to the versions that trained it."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = []
-    for dist in ("torch", "torchvision", "timm", "numpy", "cloudpickle", "mlflow"):
-        with contextlib.suppress(PackageNotFoundError):
-            out.append(f"{dist}=={version(dist).split('+')[0]}")
-    return out
 
 
 @contextlib.contextmanager
