@@ -71,3 +71,15 @@ def assert_matches_v2(out, batch, params) -> None:
         # Nearest-neighbour rotation may round a rare pixel exactly on a tie differently; nothing else differs.
         assert off.float().mean() <= 0.001, f"image {i}: {int(off.sum())} pixels differ"
         assert torch.allclose(out[i][:, ~off], ref[:, ~off], atol=1e-4)
+
+
+def stop_process(proc, *, timeout: float = 20) -> None:
+    """Terminate a server a test started; kill it if it does not exit within ``timeout`` seconds."""
+    import subprocess
+
+    proc.terminate()
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()

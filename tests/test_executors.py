@@ -24,7 +24,10 @@ CURVE = ("train_loss", "train_acc", "val_loss", "val_acc", "lr")
 @pytest.fixture(scope="module")
 def local_ray():
     """One Ray instance (2 CPUs) for the module: starting one costs seconds."""
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="WARNING")
+    for sig, handler in handlers.items():  # Ray's SIGTERM handler must not outlive this module
+        signal.signal(sig, handler)
     yield ray
     ray.shutdown()
 

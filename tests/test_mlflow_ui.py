@@ -154,3 +154,28 @@ def test_real_mlflow_run_with_two_strategies_nests_them(tracking_uri, tmp_path):
     assert outer.data.params["strategy"] == "scratch,transfer" and "val_acc" not in outer.data.metrics
     assert sorted(r.data.tags["strategy"] for r in children) == ["scratch", "transfer"]
     assert all(r.info.status == "FINISHED" and "val_acc" in r.data.metrics for r in children)
+
+
+def test_a_dataset_another_run_inserted_meanwhile_is_linked_not_an_error(tracking_uri, monkeypatch):
+    """Parallel cells share val/test splits: the race MLflow's log_inputs loses is retried, not fatal."""
+    import mlflow
+
+    from tlexp.tracking import datasets
+
+    calls = []
+    real = mlflow.log_inputs
+
+    def racing(**kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise mlflow.exceptions.MlflowException(
+                "(sqlite3.IntegrityError) UNIQUE constraint failed: datasets.experiment_id, datasets.name")
+        return real(**kwargs)
+
+    monkeypatch.setattr(mlflow, "log_inputs", racing)
+    run = mlflow.MlflowClient().create_run(mlflow.MlflowClient().create_experiment("race"))
+    split = datasets.SplitInput(split="test", indices=[1, 2, 3, 4, 5], class_counts={"a": 2, "b": 3})
+    datasets.log_datasets(run.info.run_id, name="digits", source="sklearn digits", fingerprint="f" * 16,
+                          splits=[split])
+    logged = mlflow.MlflowClient().get_run(run.info.run_id).inputs.dataset_inputs
+    assert len(calls) == 2 and [d.dataset.name for d in logged] == ["digits"]

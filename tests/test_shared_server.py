@@ -21,7 +21,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
 
-from helpers import tiny_weights
+from helpers import stop_process, tiny_weights
 from tlexp.cli import app
 
 BASE_URI = os.environ.get("TLEXP_TEST_POSTGRES_URI")
@@ -94,11 +94,7 @@ def server(postgres_uri, tmp_path_factory):
             time.sleep(0.5)
         yield {"url": url, "artifacts": Path(artifacts)}
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_process(proc, timeout=30)
         log.close()
 
 

@@ -16,7 +16,7 @@ import pytest
 from mlflow import MlflowClient
 from typer.testing import CliRunner
 
-from helpers import make_image_tree, tiny_weights
+from helpers import make_image_tree, stop_process, tiny_weights
 from tlexp.cli import app
 
 EXPERIMENT = "winner-test"
@@ -216,12 +216,7 @@ def test_end_to_end_train_compare_register_predict_serve_evaluate(tracking_uri, 
                                                "data": [[base64.b64encode(photo.read_bytes()).decode()]]}})
         answer = json.loads(_post_until_ready(f"http://127.0.0.1:{port}/invocations", body.encode(), server, 90))
     finally:
-        server.terminate()
-        try:
-            server.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
+        stop_process(server)
     assert answer["predictions"][0]["label"] == expected, answer
     assert answer["predictions"][0]["error"] == ""
 

@@ -10,6 +10,7 @@ finds its run by its Ray task id (the same on every attempt) and resumes it from
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import time
 from dataclasses import dataclass
@@ -59,9 +60,15 @@ def connect(options: RayOptions) -> Any:
                           "`pip install 'tlexp[ray]'` (or `pip install 'ray>=2.9'`).") from None
     if ray.is_initialized():
         return ray
+    # ray.init installs its own SIGTERM handler in the driver; tlexp's (SIGTERM ends runs KILLED with a
+    # checkpoint, like Ctrl-C) must stay in charge, so the handlers are put back.
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         ray.init(address=options.address, include_dashboard=False, log_to_driver=False,
                  configure_logging=True, logging_level="WARNING")
+        for sig, handler in handlers.items():
+            if handler is not None:
+                signal.signal(sig, handler)
     except (ConnectionError, ValueError, RuntimeError) as exc:
         where = options.address or "a local instance"
         raise ConfigError(f"--ray-address {where!r}: cannot connect to Ray ({str(exc).splitlines()[0][:160]}); "

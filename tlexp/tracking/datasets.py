@@ -66,5 +66,15 @@ def log_datasets(run_id: str, *, name: str, source: str, fingerprint: str, split
     datasets = [SplitDataset(s) for s in splits]
     contexts = [CONTEXTS[s.split] for s in splits]
     with _active(run_id):
-        retry_locked(mlflow.log_inputs, datasets=datasets, contexts=contexts, tags_list=[None] * len(datasets))
+        for attempt in range(3):
+            try:
+                retry_locked(mlflow.log_inputs, datasets=datasets, contexts=contexts,
+                             tags_list=[None] * len(datasets))
+                return
+            except Exception as exc:
+                # Runs of one study share their val/test splits (same digest). MLflow looks a dataset up, then
+                # inserts it: two runs logging it at once (parallel sweep cells) race, and the loser gets a
+                # unique-constraint error. Logging again finds the winner's row and only links it.
+                if "unique" not in str(exc).lower() or attempt == 2:
+                    raise
 
